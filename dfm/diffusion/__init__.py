@@ -1,0 +1,1 @@
+"""The diffusion core: Gaussian paths, schedules, preconditioning, losses, samplers and guidance."""
