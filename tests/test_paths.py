@@ -72,3 +72,15 @@ def test_gmm_exact_solution_matches_reference():
     g = GaussianMixture(torch.full((1, 4), 0.3), 0.6)
     x = torch.randn(3, 4, dtype=torch.float64) * 10
     torch.testing.assert_close(g.reference_solution(x, 10.0, 0.0), g.exact_solution(x, 10.0, 0.0), rtol=1e-8, atol=1e-8)
+
+
+def test_randn_like_per_sample_generators_are_batch_independent():
+    from dfm.diffusion.noise import randn_like
+
+    x = torch.empty(3, 2, 4)
+    batch = randn_like(x, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    single = randn_like(x[:1], [torch.Generator().manual_seed(2)])
+    torch.testing.assert_close(batch[1:2], single)
+    torch.testing.assert_close(randn_like(x, torch.Generator().manual_seed(5)), torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(5)))
+    with pytest.raises(ValueError, match="one per sample"):
+        randn_like(x, [torch.Generator()])
