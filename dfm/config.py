@@ -1,0 +1,157 @@
+"""Configs as nested dataclasses, loaded from YAML with dotted `key=value` overrides.
+
+    cfg = load_config(TrainConfig, "configs/wan_flow_digits.yaml", ["train.max_steps=100", "optim.lr=3e-4"])
+
+Every key is checked against the dataclass: a typo is a `ConfigError` that names the key, the valid keys at that
+level and the closest match. Values are parsed with YAML rules (`3e-4`, `true`, `[1, 2]`, `null`) and checked
+against the field's type. `to_dict(cfg)` gives the resolved config to print (`--dry-run`) and save beside a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; its message is one line that names the problem and the fix."""
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, where: str, valid: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{where}{key}'{hint}; valid keys{' in ' + where[:-1] if where else ''}: "
+                       f"{', '.join(valid)}")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check (and gently convert: int -> float, list -> tuple) `value` against the annotation `tp`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key '{name}' cannot be {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{name}' must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{name}' must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, name) for v in value]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{name}' must be a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{name}' is a section; set its keys as {name}.KEY=VALUE")
+        return from_dict(tp, value, prefix=name + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"config key '{name}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build the dataclass `cls` from a (nested) dict, rejecting unknown keys."""
+    types = _field_types(cls)
+    for key in data:
+        if key not in types:
+            raise _unknown_key(key, prefix, list(types))
+    kwargs = {k: _coerce(v, types[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """The resolved config as plain YAML-able data."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+    return out
+
+
+def _set_dotted(data: dict, cls, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node, node_cls, where = data, cls, ""
+    for i, part in enumerate(parts):
+        types = _field_types(node_cls)
+        if part not in types:
+            raise _unknown_key(part, where, list(types))
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(types[part]):
+            raise ConfigError(f"config key '{where}{part}' is a value, not a section; write {where}{part}=VALUE")
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+        node_cls, where = types[part], where + part + "."
+
+
+def parse_overrides(cls, overrides: Sequence[str], data: dict | None = None) -> dict:
+    """Apply `a.b=value` strings (values parsed as YAML) onto the nested dict `data`."""
+    data = {} if data is None else data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. train.max_steps=100)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, cls, key.strip(), value)
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Defaults of `cls`, then the YAML file at `path`, then the dotted `overrides`, validated."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/<recipe>.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    data = parse_overrides(cls, overrides, data)
+    return from_dict(cls, data)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,77 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dfm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+
+
+def _model_and_opt():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        m(torch.randn(5, 4)).pow(2).mean().backward()
+        opt.step()
+    return m, opt
+
+
+def test_round_trip_restores_model_optimizer_and_rng(tmp_path):
+    m, opt = _model_and_opt()
+    path = save_checkpoint(tmp_path, 3, m.state_dict(), ema=m.state_dict(), optimizer=opt.state_dict(),
+                           state={"data_position": 15}, extra_files={"config.yaml": "a: 1\n"})
+    ck = load_checkpoint(path)
+    assert ck["step"] == 3 and ck["state"] == {"data_position": 15} and (path / "config.yaml").read_text() == "a: 1\n"
+
+    m2, _ = _model_and_opt()
+    with torch.no_grad():
+        for p in m2.parameters():
+            p.add_(1.0)
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    m2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["optimizer"])
+    # both continue identically
+    x = torch.randn(5, 4)
+    for mm, oo in ((m, opt), (m2, opt2)):
+        oo.zero_grad()
+        mm(x).pow(2).mean().backward()
+        oo.step()
+    for a, b in zip(m.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_rng_restore_replays_the_same_numbers(tmp_path):
+    m, _ = _model_and_opt()
+    path = save_checkpoint(tmp_path, 1, m.state_dict())
+    a = (torch.rand(3), np.random.rand(2), random.random())
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    load_checkpoint(path, restore_rng_state=True)
+    b = (torch.rand(3), np.random.rand(2), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_keep_last_k_and_stale_tmp_cleanup(tmp_path):
+    m, _ = _model_and_opt()
+    (tmp_path / "step_00000002.tmp-999").mkdir(parents=True)  # a save killed midway
+    for s in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, s, m.state_dict(), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+    assert not list(tmp_path.glob("*.tmp-*"))
+    assert latest_checkpoint(tmp_path).name == "step_00000004"
+
+
+def test_incomplete_and_corrupt_checkpoints_are_clear_errors(tmp_path):
+    m, _ = _model_and_opt()
+    half = tmp_path / "step_00000009"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"garbage")
+    assert latest_checkpoint(tmp_path) is None  # no state.json: not a checkpoint
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        load_checkpoint(half)
+    good = save_checkpoint(tmp_path, 10, m.state_dict())
+    (good / "model.safetensors").write_bytes(os.urandom(64))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(good)

@@ -1,0 +1,60 @@
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from dfm.config import ConfigError, load_config, parse_overrides, save_config, to_dict
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["constant", "cosine"] = "constant"
+
+
+@dataclass
+class Train:
+    max_steps: int = 10
+    output_dir: str = "runs/x"
+    resume: Optional[str] = None
+
+
+@dataclass
+class Cfg:
+    train: Train = field(default_factory=Train)
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_steps: 50\noptim:\n  lr: 3e-4\n")
+    cfg = load_config(Cfg, p, ["train.max_steps=7", "optim.betas=[0.8, 0.9]", "optim.schedule=cosine"])
+    assert cfg.train.max_steps == 7 and cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.optim.schedule == "cosine" and cfg.train.output_dir == "runs/x"
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert to_dict(load_config(Cfg, tmp_path / "resolved.yaml")) == to_dict(cfg)
+
+
+def test_unknown_key_lists_valid_keys_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.max_step' \(did you mean 'max_steps'\?\).*output_dir"):
+        load_config(Cfg, None, ["train.max_step=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_config(Cfg, None, ["trian.max_steps=3"])
+
+
+def test_bad_values_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="must be int"):
+        load_config(Cfg, None, ["train.max_steps=abc"])
+    with pytest.raises(ConfigError, match="must be one of 'constant', 'cosine'"):
+        load_config(Cfg, None, ["optim.schedule=linear"])
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        parse_overrides(Cfg, ["train.max_steps"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Cfg, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Cfg, bad)
+    assert load_config(Cfg, None, ["train.resume=null"]).train.resume is None
+    assert load_config(Cfg, None, ["optim.lr=1e-3"]).optim.lr == 1e-3
