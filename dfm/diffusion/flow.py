@@ -50,7 +50,7 @@ def randn(batch: int, generator: Generator = None, device=None) -> Tensor:
 
 
 def shift_timesteps(s: Tensor, shift: float) -> Tensor:
-    """The static resolution shift s' = a*s / (1 + (a - 1)*s) (SD3, Esser et al. 2024 eq. 23; Wan's `shift`).
+    """The static resolution shift s' = a*s / (1 + (a - 1)*s) (SD3, Esser et al. 2024 Sec. 5.3.2; Wan's `shift`).
 
     a > 1 moves mass towards noise (s = 1); s = 0 and s = 1 stay fixed; a = 1 is the identity.
     """
@@ -63,7 +63,7 @@ class TimestepSampler:
 
     uniform:       s ~ U(0, 1)
     logit_normal:  s = sigmoid(n), n ~ N(logit_mean, logit_std^2)       (SD3 eq. 19, "lognorm(m, s)")
-    mode:          s = 1 - u - mode_scale*(cos^2(pi/2 u) - 1 + u), u ~ U(0, 1)   (SD3 eq. 20, "mode(s)")
+    mode:          s = 1 - u - mode_scale*(cos^2(pi/2 u) - 1 + u), u ~ U(0, 1)   (SD3 Sec. 3.1, "mode(s)")
     mixed:         each sample is uniform with probability `uniform_ratio`, logit-normal otherwise
                    (a Bernoulli per sample, so a sample does not depend on its batch)
     Then, for every kind, the static shift `shift_timesteps(s, shift)` (shift = 1: none).
@@ -102,7 +102,7 @@ def loss_weight(s: Tensor, weighting: str = "none", shift: float = 1.0) -> Tenso
 
     none:        1
     sigma_sqrt:  s^-2                               (diffusers' "sigma_sqrt", sigma = s)
-    cosmap:      2 / (pi * (1 - 2s + 2s^2))        (SD3 eq. 21; diffusers' "cosmap")
+    cosmap:      2 / (pi * (1 - 2s + 2s^2))        (the density of SD3's CosMap, Sec. 3.1, as a weight: diffusers)
     linear:      1 + shift * s                      (up-weights noisy times, `shift` as given)
     """
     if weighting == "none":
