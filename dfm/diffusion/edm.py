@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from dfm.diffusion.flow import rand, randn
+from dfm.diffusion.noise import rand, randn
 from dfm.diffusion.noise import Generator, randn_like
 from dfm.diffusion.paths import append_dims
 

@@ -21,40 +21,14 @@ from typing import Callable
 
 import torch
 
-from dfm.diffusion.noise import Generator, randn_like
+from dfm.diffusion.noise import Generator, rand, randn, randn_like
 from dfm.diffusion.paths import append_dims
+from dfm.diffusion.schedules import shift_static as shift_timesteps  # s' = a*s / (1 + (a-1)*s)
 
 Tensor = torch.Tensor
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "mixed")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap", "linear")
-
-
-def rand(batch: int, generator: Generator = None, device=None) -> Tensor:
-    """U[0, 1) samples [batch] in fp32: the uniform counterpart of `noise.randn_like`.
-
-    One torch.Generator draws one tensor (as diffusers does); a list of `batch` generators draws sample b from
-    generator[b], so a sample does not depend on the batch it sits in.
-    """
-    if generator is None or isinstance(generator, torch.Generator):
-        dev = generator.device if generator is not None else device
-        return torch.rand(batch, generator=generator, device=dev).to(device)
-    if len(generator) != batch:
-        raise ValueError(f"got {len(generator)} generators for a batch of {batch}; pass one per sample")
-    return torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator]).to(device)
-
-
-def randn(batch: int, generator: Generator = None, device=None) -> Tensor:
-    """N(0, 1) samples [batch] in fp32, with the generator semantics of `noise.randn_like`."""
-    return randn_like(torch.empty(batch, device=device), generator)
-
-
-def shift_timesteps(s: Tensor, shift: float) -> Tensor:
-    """The static resolution shift s' = a*s / (1 + (a - 1)*s) (SD3, Esser et al. 2024 Sec. 5.3.2; Wan's `shift`).
-
-    a > 1 moves mass towards noise (s = 1); s = 0 and s = 1 stay fixed; a = 1 is the identity.
-    """
-    return shift * s / (1 + (shift - 1) * s)
 
 
 @dataclass

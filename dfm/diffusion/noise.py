@@ -24,3 +24,18 @@ def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
     return torch.cat(
         [torch.randn((1,) + x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator]
     ).to(x.device)
+
+
+def rand(batch: int, generator: Generator = None, device=None) -> torch.Tensor:
+    """U[0, 1) samples [batch] in fp32 (e.g. training timesteps), with the generator semantics of `randn_like`."""
+    if generator is None or isinstance(generator, torch.Generator):
+        dev = generator.device if generator is not None else device
+        return torch.rand(batch, generator=generator, device=dev).to(device)
+    if len(generator) != batch:
+        raise ValueError(f"got {len(generator)} generators for a batch of {batch}; pass one per sample")
+    return torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator]).to(device)
+
+
+def randn(batch: int, generator: Generator = None, device=None) -> torch.Tensor:
+    """N(0, 1) samples [batch] in fp32 (e.g. log-normal noise levels), with the semantics of `randn_like`."""
+    return randn_like(torch.empty(batch, device=device), generator)
