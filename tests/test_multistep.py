@@ -329,6 +329,12 @@ def test_sde_seeding(method):
     a = sample(x, torch.Generator().manual_seed(5))
     torch.testing.assert_close(sample(x, torch.Generator().manual_seed(5)), a, rtol=0, atol=0)
     assert (sample(x, torch.Generator().manual_seed(6)) - a).abs().max() > 1e-2
+    # from t = 1 on the flow path the SDE forgets x at once (exp(-eta h) = 0), stays finite and seeded
+    ts = torch.linspace(1, 0, 7)
+    flow = lambda gen: FLOW_METHODS[method](flow_velocity(GMM), noise(3), ts, generator=gen)  # noqa: E731
+    f = flow(torch.Generator().manual_seed(5))
+    assert torch.isfinite(f).all()
+    torch.testing.assert_close(flow(torch.Generator().manual_seed(5)), f, rtol=0, atol=0)
     # one generator per sample: a batch gives the samples of separate runs
     batch = sample(x, [torch.Generator().manual_seed(10 + b) for b in range(3)])
     for b in range(3):

@@ -2,7 +2,7 @@
 
 Each algorithm is written once, in the general Gaussian-path form of its paper. On a path
 x_t = alpha_t * x0 + sigma_t * eps with half log-SNR lambda_t = log(alpha_t / sigma_t), the probability-flow ODE
-in data prediction has the exact solution (Lu et al. 2022, DPM-Solver++, Sec. 4)
+in data prediction has the exact solution (Lu et al. 2022, DPM-Solver++)
 
     x_t = (sigma_t / sigma_s) * x_s + sigma_t * int_{lambda_s}^{lambda_t} e^lambda x0_hat(lambda) d lambda,
 
@@ -366,7 +366,9 @@ def unipc(
 
     Step i predicts x_{i+1} with UniP of order p from x_i; the model call at the start of step i + 1 gives
     m_{i+1} = x0_hat(x_{i+1}), and UniC-p re-solves step i with m_{i+1} as an extra node, replacing x_{i+1} before
-    it is stepped from (m_{i+1} itself is kept: no second call). The last step has no corrector.
+    it is stepped from (m_{i+1} itself is kept: no second call). The last step has no corrector. The callback
+    sees the corrected x_i with m_i, the prediction at the uncorrected x_i (so the result of a last step to
+    sigma = 0 is the callback's last "denoised").
 
     order: 1..3 (UniC raises the accuracy by one: UniPC-p converges with order p + 1).
     variant: "bh1" (B(h) = h; diffusers recommends it below 10 unconditional steps) or "bh2" (B(h) = e^h - 1),
