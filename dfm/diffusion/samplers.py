@@ -106,7 +106,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, generator=None, callback=None
         _callback(callback, x, i, sig[i], sig[i], denoised)
         sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
         x = x + (x - denoised) / sig[i] * (sigma_down - sig[i])
-        if sig[i + 1] > 0:
+        if sigma_up > 0:
             x = x + randn_like(x, generator) * (s_noise * sigma_up)
     return x.to(dtype)
 
@@ -127,7 +127,7 @@ def sample_ddim(denoiser, x, sigmas, *, generator=None, callback=None, eta=0.0):
         eps = (x - x0) / sig[i]
         sigma_dir, s_eta = ancestral_step(sig[i], sig[i + 1], eta)  # sqrt(sigma_next^2 - s_eta^2), s_eta
         x = x0 + sigma_dir * eps
-        if eta > 0 and sig[i + 1] > 0:
+        if s_eta > 0:
             x = x + randn_like(x, generator) * s_eta
     return x.to(dtype)
 
@@ -217,7 +217,7 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, generator=None, callback=N
             sigma_mid = sig[i] * math.exp(-0.5 * h)
             u = (sigma_mid / sig[i]) * x - math.expm1(-0.5 * h) * denoised
             x = (sigma_down / sig[i]) * x - math.expm1(-h) * D(u, sigma_mid)
-        if sig[i + 1] > 0:
+        if sigma_up > 0:
             x = x + randn_like(x, generator) * (s_noise * sigma_up)
     return x.to(dtype)
 
