@@ -12,12 +12,13 @@ from scipy import integrate
 
 from dfm.diffusion import paths
 from dfm.diffusion.gmm import GaussianMixture
+from dfm.diffusion.multistep import EDM_METHODS
 from dfm.diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, lms_coefficient, sample, sample_flow
 
 F64 = torch.float64
 GAUSS = GaussianMixture(torch.tensor([[0.5, -1.0, 2.0]], dtype=F64), 0.7)  # one Gaussian: exact PF-ODE solution
 MIX = GaussianMixture.random((3,), components=3, std=0.4, seed=1)
-MULTISTEP = {"dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc"} & set(SAMPLERS)
+MULTISTEP = set(EDM_METHODS)  # multistep.py's methods, merged into SAMPLERS and FLOW_SAMPLERS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -92,7 +93,7 @@ MULTISTEP_ORDERS = [  # multistep.py: UniPC-2 is third order once its last step 
     ("dpmpp_2m_sde", {"eta": 0.0}, 2),
     ("unipc", {"lower_order_final": False}, 3),
 ]
-EDM_ORDERS += [c for c in MULTISTEP_ORDERS if c[0] in SAMPLERS]
+EDM_ORDERS += MULTISTEP_ORDERS
 
 
 def ids(case):
@@ -112,7 +113,7 @@ def test_edm_convergence_order(method, options, order):
 
 
 DETERMINISTIC_EDM = [c for c in EDM_ORDERS if not c[1] and c[0] != "ddim"]
-DETERMINISTIC_EDM += [("dpmpp_3m", {}, 2)] if "dpmpp_3m" in SAMPLERS else []
+DETERMINISTIC_EDM += [("dpmpp_3m", {}, 2)]
 
 
 @pytest.mark.parametrize("method,options,order", DETERMINISTIC_EDM, ids=[c[0] for c in DETERMINISTIC_EDM])
@@ -126,7 +127,7 @@ def test_edm_reaches_exact_solution_at_zero(method, options, order):
 
 
 FLOW_ORDERS = [("euler", {}, 1), ("heun", {}, 2), ("midpoint", {}, 2), ("rk4", {}, 4)]
-FLOW_ORDERS += [c for c in MULTISTEP_ORDERS if c[0] in FLOW_SAMPLERS and "sde" not in c[0]]
+FLOW_ORDERS += [c for c in MULTISTEP_ORDERS if "sde" not in c[0]]
 
 
 @pytest.mark.parametrize("method,options,order", FLOW_ORDERS, ids=[ids(c) for c in FLOW_ORDERS])

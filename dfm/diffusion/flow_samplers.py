@@ -152,8 +152,6 @@ def sample_flow(velocity, x, ts, method="euler", generator=None, callback=None, 
     return fn(velocity, x, ts, generator=generator, callback=callback, **options)
 
 
-try:  # DPM-Solver++(2M) and UniPC in flow coordinates (multistep.py)
-    from .multistep import FLOW_METHODS
-except ImportError:  # not written yet
-    FLOW_METHODS = {}
+from .multistep import FLOW_METHODS  # noqa: E402  DPM-Solver++ and UniPC in flow coordinates
+
 FLOW_SAMPLERS.update(FLOW_METHODS)

@@ -301,10 +301,7 @@ def sample(denoiser, x, sigmas, method="heun", generator=None, callback=None, **
     return fn(denoiser, x, sigmas, generator=generator, callback=callback, **options)
 
 
-from .flow_samplers import FLOW_SAMPLERS, sample_flow  # noqa: E402  (re-exported: one import for both paradigms)
+from .flow_samplers import FLOW_SAMPLERS, sample_flow  # noqa: E402,F401  (one import for both paradigms)
+from .multistep import EDM_METHODS  # noqa: E402  DPM-Solver++ (2M, 3M, SDE) and UniPC
 
-try:  # DPM-Solver++ and UniPC (multistep.py), for both coordinates
-    from .multistep import EDM_METHODS
-except ImportError:  # not written yet
-    EDM_METHODS = {}
 SAMPLERS.update(EDM_METHODS)
