@@ -63,6 +63,7 @@ def test_velocity_adapters_round_trip():
     x0 = gmm.denoiser(x / (1 - s)[:, None], sigma)
     torch.testing.assert_close(velocity(x, s), (x - x0) / s[:, None])
     torch.testing.assert_close(paths.denoiser_from_velocity(velocity)(x, sigma), gmm.denoiser(x, sigma))
+    assert torch.isfinite(velocity(x, torch.zeros(4, dtype=torch.float64))).all()  # s = 0 (RK4 evaluates there)
     # s = 1 is finite: the data mean, to O(1/sigma_max)
     v1 = velocity(x, torch.ones(4, dtype=torch.float64))
     torch.testing.assert_close(v1, x - gmm.weights @ gmm.means, atol=1e-2, rtol=0)

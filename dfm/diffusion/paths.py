@@ -130,17 +130,19 @@ def denoiser_from_velocity(velocity: Velocity) -> Denoiser:
     return as_denoiser(lambda x_t, sigma: velocity(x_t, sigma_to_flow_t(sigma)), "flow", "flow")
 
 
-def velocity_from_denoiser(denoiser: Denoiser, sigma_max: float = 1e3) -> Velocity:
+def velocity_from_denoiser(denoiser: Denoiser, sigma_max: float = 1e3, s_min: float = 1e-4) -> Velocity:
     """An EDM denoiser as a flow velocity v(x_t, s) = (x_t - x0) / s with x0 = D(x_t / (1 - s), s / (1 - s)).
 
     At s = 1 (sigma = inf, where x_t is pure noise) the denoiser is evaluated at `sigma_max` with
     x_edm = sigma_max * x_t, which drops an O(x0 / sigma_max) term: D there is the data mean to that precision.
+    At s = 0 the quotient is 0/0; s is floored at `s_min` (solvers such as RK4 evaluate the velocity there).
     """
 
     def velocity(x: Tensor, s: Tensor) -> Tensor:
-        sigma = flow_t_to_sigma(s.double()).clamp(max=sigma_max)  # fp32: 1/(1-s) loses digits near s = 1
+        s = s.double().clamp(min=s_min)  # fp32: 1/(1-s) loses digits near s = 1
+        sigma = flow_t_to_sigma(s).clamp(max=sigma_max)
         scale = append_dims((1 + sigma).to(x.dtype), x.ndim)  # 1 / (1 - s), or 1 + sigma_max at s = 1
         x0 = denoiser(x * scale, sigma.to(x.dtype))
-        return (x - x0) / append_dims(s, x.ndim)
+        return (x - x0) / append_dims(s.to(x.dtype), x.ndim)
 
     return velocity
