@@ -391,6 +391,11 @@ def vocabulary_captions(cfg: TrainConfig, dataset: Dataset) -> list[str]:
     return [clip.caption for clip in dataset.clips]
 
 
+def keep_captions(seed: int, samples, dropout: float) -> list[bool]:
+    """Conditioning dropout: sample g keeps its caption unless a uniform draw seeded by (seed, g) is < dropout."""
+    return [bool(np.random.default_rng([seed, int(g), 1]).random() >= dropout) for g in samples]
+
+
 class GlobalOrder(Dataset):
     """Global sample index g -> {"video", "caption", "sample": g}: item perm_e[g mod N], e = g div N, where perm_e
     is a permutation of the N items fixed by (seed, e) (the identity without shuffle)."""
@@ -677,8 +682,7 @@ class Trainer:
 
     def conditioning(self, captions: list[str], samples: torch.Tensor):
         """Token ids and mask [b, L], and keep [b] (False = caption dropped for classifier-free guidance)."""
-        seed, p = self.cfg.train.seed, self.cfg.text.dropout
-        keep = [bool(np.random.default_rng([seed, int(g), 1]).random() >= p) for g in samples]  # per sample
+        keep = keep_captions(self.cfg.train.seed, samples, self.cfg.text.dropout)
         if self.cfg.text.null == "empty":
             captions = [c if k else "" for c, k in zip(captions, keep)]
         ids, mask = self.module.text.tokenizer(captions, self.module.text.max_length)
