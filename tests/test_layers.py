@@ -47,6 +47,11 @@ def test_causal_attention_blocks_future_frames():
     assert mask.shape == (L, L) and mask[0, per_frame] == 0 and mask[per_frame, 0] == 1
 
 
+def test_causal_attention_equals_masked_attention():
+    q, k, v = qkv(2)
+    torch.testing.assert_close(attention(q, k, v, "causal", GRID), sdpa(q, k, v, frame_causal_mask(GRID)))
+
+
 def test_spatial_attention_is_per_frame_attention():
     q, k, v = qkv()
     out = attention(q, k, v, "spatial", GRID)
