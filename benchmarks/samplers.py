@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     print("\nAt 10 NFE (best of each side; lower is better):")
     for name, (ours_best, peer_best) in summary:
         if ours_best and peer_best:
-            print(f"  {name:24s} dfm {ours_best[0]} {ours_best[1]:.2e}  vs  {peer_best[0]} {peer_best[1]:.2e}"
+            print(f"  {name:24s} {ours_best[0]} {ours_best[1]:.2e}  vs  {peer_best[0]} {peer_best[1]:.2e}"
                   f"  -> {peer_best[1] / ours_best[1]:.1f}x lower error")
     print(f"\n({time.perf_counter() - t0:.0f} s, torch {torch.__version__}, {DTYPE})")
     return 0
