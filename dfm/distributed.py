@@ -35,6 +35,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # init_distributed created the process group (so teardown destroys it)
 
     @property
     def is_main(self) -> bool:
@@ -62,16 +63,20 @@ def init_distributed(device: str = "auto") -> DistInfo:
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()  # a caller's group is used as it is, and left alone
+    if owns:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
     if world > 1 and dev.type == "cpu":  # share the cores of one machine between the local ranks
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return DistInfo(rank, world, local_rank, dev)
+    return DistInfo(rank, world, local_rank, dev, owns)
 
 
-def teardown() -> None:
+def teardown(info: DistInfo | None = None) -> None:
+    """Destroy the process group if `info` says init_distributed created it (or, without `info`, any group)."""
+    if info is not None and not info.owns_group:
+        return
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

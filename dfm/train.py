@@ -613,9 +613,9 @@ def autocast(device: torch.device, precision: str):
 class Trainer:
     """State of one run; `train(config)` is `Trainer(config).run()`."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, info: D.DistInfo | None = None):
         self.cfg = cfg
-        self.info = D.init_distributed(cfg.train.device)
+        self.info = info if info is not None else D.init_distributed(cfg.train.device)
         check_config(cfg, self.info.world_size)
         t = cfg.train
         self.out = Path(t.output_dir)
@@ -871,8 +871,10 @@ class Trainer:
 def train(config: TrainConfig, resume: str | None = None) -> dict:
     """Train as configured; `resume` is None, "latest" or a checkpoint path. Returns {'step', 'loss', 'checkpoint'}.
 
-    Under torchrun every process calls this; the process group is set up and torn down here."""
+    Under torchrun every process calls this. A process group that is not yet set up is created here and destroyed
+    at the end; one the caller created is used and left alone."""
+    info = D.init_distributed(config.train.device)
     try:
-        return Trainer(config, resume).run()
+        return Trainer(config, resume, info).run()
     finally:
-        D.teardown()
+        D.teardown(info)

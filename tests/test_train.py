@@ -272,3 +272,19 @@ def test_conditioning_dropout_is_per_sample_and_about_the_rate():
     assert 0.08 < 1 - sum(keep) / len(keep) < 0.12
     assert keep_captions(0, [17, 3], 0.1) == [keep[17], keep[3]]  # independent of the batch it sits in
     assert all(keep_captions(0, range(100), 0.0))
+
+
+def test_python_dash_m_dfm_dispatches_to_the_cli(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    cfg_file = write_config(tmp_path / "c.yaml")
+    monkeypatch.setattr(sys, "argv", ["dfm", "train", "--config", str(cfg_file), "--dry-run"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("dfm", run_name="__main__")
+    assert exit_info.value.code == 0 and "max_steps: 6" in capsys.readouterr().out
+
+
+def test_dit_backbone_with_flow(tmp_path):
+    cfg = tiny(tmp_path, "ditflow", "train.max_steps=2", "train.activation_checkpointing=true",
+               model={"arch": "dit", "overrides": {"dim": 32, "heads": 2, "freq_dim": 32, "depth": 1}})
+    assert math.isfinite(train(cfg)["loss"])
