@@ -5,7 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from dfm.data import COLORS, DIRECTIONS, MovingDigits, caption_for, collate, parse_caption
-from dfm.data.digits import DIRECTION_STEPS, NUM_IMAGES, load_digit_images, split_indices, upscale_digits
+from dfm.data.digits import NUM_IMAGES, load_digit_images, split_indices, upscale_digits
+
+# (row, column) step per frame, written out independently of the code: rows grow downwards, so "up" is -1.
+STEPS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}
 
 
 def centre_of_mass(video):
@@ -72,7 +75,7 @@ def test_directions_really_move_the_digit():
     for i in range(24):
         item = data[i]
         com = centre_of_mass(item["video"])  # [F, 2]
-        step = torch.tensor(DIRECTION_STEPS[item["direction"]]) * 1.25  # expected (row, col) move per frame
+        step = torch.tensor(STEPS[item["direction"]]) * 1.25  # expected (row, col) move per frame
         moves = com[1:] - com[:-1]  # [F-1, 2]
         assert torch.allclose(moves, step.expand_as(moves), atol=0.02), (item["caption"], moves)
         # the reported positions move the same way
@@ -99,7 +102,7 @@ def test_bounce_reverses_direction():
         assert item["bounces"] and item["caption"].endswith("and bounces")
         axis = 0 if item["direction"] in ("up", "down") else 1
         moves = (centre_of_mass(item["video"])[1:] - centre_of_mass(item["video"])[:-1])[:, axis]
-        sign = DIRECTION_STEPS[item["direction"]][axis]
+        sign = STEPS[item["direction"]][axis]
         assert moves[0] * sign > 0 and (moves * sign < 0).any()  # starts the named way, later comes back
     assert not MovingDigits(bounce=True, speed=0.1, num_frames=4)[0]["bounces"]  # too slow to reach a wall
 

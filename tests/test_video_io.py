@@ -57,6 +57,7 @@ def test_gif_round_trip_is_exact_for_few_colours(tmp_path):
     assert back.shape == video.shape
     np.testing.assert_array_equal(to_uint8_frames(back), to_uint8_frames(video))
     assert probe_video(path).fps == pytest.approx(10.0)
+    assert probe_video(write_video(tmp_path / "slow.gif", video, fps=4)).fps == pytest.approx(4.0)
 
 
 def test_png_sequence_round_trip_is_exact(tmp_path):
