@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from dfm.video import (
+    VideoInfo,
     frame_indices,
     probe_video,
     read_video,
@@ -146,3 +147,24 @@ def test_contact_sheet_layout(tmp_path):
     assert labelled.shape[0] > image.shape[0] and labelled.shape[1] == 2 + 6 * 18
     with pytest.raises(ValueError, match="labels"):
         write_contact_sheet(tmp_path / "x.png", videos, labels=["one"])
+
+
+def test_webm_without_frame_count_is_probed_and_read(tmp_path):
+    """WebM headers carry no frame count: probe_video counts packets instead (no decoding)."""
+    import av
+
+    path = tmp_path / "clip.webm"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx", rate=12)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+        for i in range(7):
+            frame = np.full((24, 32, 3), 30 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0  # the case this test is about
+    assert probe_video(path) == VideoInfo(num_frames=7, fps=12.0, height=24, width=32)
+    levels = read_video(path, 3, stride=3)[0, :, 12, 16]  # frames 0, 3, 6
+    assert torch.allclose(levels, torch.tensor([0, 90, 180]) / 127.5 - 1, atol=0.05)
