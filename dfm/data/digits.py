@@ -161,8 +161,9 @@ class MovingDigits(Dataset):
     speed: pixels per frame. Default: 75% of the largest speed that keeps a non-bouncing digit in frame.
     num_digits: 1 or 2 digits per clip (each with its own image, direction and colour).
     colors: None (white digits, no colour in captions) or a list of names from `COLORS` to draw from.
-    bounce: reflect off the frame edges (then any speed works); without it the start is drawn so the digit
-        stays fully inside the frame for the whole clip.
+    bounce: reflect off the frame edges (then any speed works; the start leaves room for one step, so every clip
+        opens moving the way its caption says). Without it the start is drawn so the digit stays fully inside
+        the frame for the whole clip.
     directions: the directions to draw from (default all four).
     length: the number of items (clips are generated, so this is just an epoch length).
     seed: item i is a function of (seed, i) only.
