@@ -67,7 +67,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if owns:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
-    if world > 1 and dev.type == "cpu":  # share the cores of one machine between the local ranks
+    if world > 1 and dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistInfo(rank, world, local_rank, dev, owns)

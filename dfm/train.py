@@ -149,6 +149,7 @@ class RunConfig:
     activation_checkpointing: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0  # CPU threads per process; 0: torch's default (on a busy machine 1 is often fastest)
     progress: bool = True  # the progress bar (rank 0)
     tensorboard: bool = True
 
@@ -185,7 +186,7 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
     for key, value in [("train.checkpoint_every", t.checkpoint_every), ("train.validate_every", t.validate_every),
                        ("train.keep_checkpoints", t.keep_checkpoints), ("train.seed", t.seed),
                        ("optim.warmup_steps", o.warmup_steps), ("optim.grad_clip", o.grad_clip),
-                       ("data.num_workers", cfg.data.num_workers)]:
+                       ("data.num_workers", cfg.data.num_workers), ("train.threads", t.threads)]:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if t.batch_size % (world_size * t.grad_accum):
@@ -579,6 +580,7 @@ class Resume:
     path: Path
     ckpt: dict
     vocab: list[str]
+    state: dict  # the trainer's state.json entries (data position, batch size, seed, ...)
 
 
 def find_resume(cfg: TrainConfig, resume: str | None, log) -> Resume | None:
@@ -602,7 +604,7 @@ def find_resume(cfg: TrainConfig, resume: str | None, log) -> Resume | None:
     except (OSError, ValueError, KeyError):
         raise CheckpointError(f"checkpoint {path} has no readable text.json (the text vocabulary); resume from an "
                               f"earlier step_* folder or start afresh") from None
-    return Resume(int(ckpt["step"]), path, ckpt, vocab)
+    return Resume(int(ckpt["step"]), path, ckpt, vocab, dict(ckpt.get("state") or {}))
 
 
 def autocast(device: torch.device, precision: str):
@@ -733,6 +735,11 @@ class Trainer:
             return {"step": self.start_step}
         if self.resume:
             self.log.notice(f"resuming from {self.resume.path} (step {self.start_step})")
+            saved = self.resume.state
+            if saved.get("batch_size", t.batch_size) != t.batch_size or saved.get("seed", t.seed) != t.seed:
+                self.log.notice(f"the checkpoint was trained with train.batch_size={saved.get('batch_size')} and "
+                                f"train.seed={saved.get('seed')}; with other values the data order from here on "
+                                f"differs from that run's")
         if self.info.is_main and t.progress:
             from tqdm import tqdm
 
@@ -874,6 +881,8 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     Under torchrun every process calls this. A process group that is not yet set up is created here and destroyed
     at the end; one the caller created is used and left alone."""
     info = D.init_distributed(config.train.device)
+    if config.train.threads > 0:
+        torch.set_num_threads(config.train.threads)
     try:
         return Trainer(config, resume, info).run()
     finally:
