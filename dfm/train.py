@@ -135,7 +135,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     log_every: int = 10
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # 0: only at the end (every run ends with a checkpoint)
     keep_checkpoints: int = 3  # 0 keeps all
     validate_every: int = 0  # 0 = never
     val_prompts: list[str] = field(default_factory=list)  # empty: the captions of the first 4 training items

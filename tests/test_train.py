@@ -22,7 +22,6 @@ from dfm.train import (
     OptimConfig,
     StepBatches,
     TrainConfig,
-    TrainingError,
     backbone_config,
     build_text_encoder,
     keep_captions,
