@@ -53,6 +53,9 @@ class Case:
 
 
 CASES = {
+    "tiny": Case("tiny", WanConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                   text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2),
+                 batch=2, latent=(2, 4, 4), text_tokens=8),  # smoke test of the script itself
     "small": Case("small", WanConfig(num_attention_heads=4, attention_head_dim=64, text_dim=256, ffn_dim=1024,
                                      num_layers=4), batch=2, latent=(8, 16, 16), text_tokens=128),
     "large": Case("large", WanConfig(num_attention_heads=12, attention_head_dim=128, text_dim=4096, ffn_dim=8960,
@@ -256,7 +259,7 @@ def main(argv=None):
     else:
         name = (f"{_cpu_name()}, {torch.get_num_threads()} thread(s) of {os.cpu_count()}, "
                 f"load average {os.getloadavg()[0]:.1f} at start")
-    n = 8192 if device.type == "cuda" else 2048
+    n = 8192 if device.type == "cuda" else (2048 if dtype == torch.float32 else 256)
     # single-threaded CPU: GFLOP/s and the ceiling from process CPU time, which other processes do not inflate
     use_cpu_time = device.type == "cpu" and torch.get_num_threads() == 1
     clock = time.process_time if use_cpu_time else time.perf_counter
