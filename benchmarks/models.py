@@ -16,6 +16,20 @@ OpenMP threads that wait for each other make multi-threaded timings swing by 5-1
 the process CPU time are reported; with one thread the CPU time is the robust number under load.
 
 The CUDA/bf16 path has not been run on a GPU yet.
+
+Measured on this project's CPU (AMD EPYC, AVX2, 1 of 2 cores, shared with other jobs; fp32; medians), dfm is
+1.00-1.06x diffusers, not the 1.25x aimed for, at 45-51% (small) and 71-77% (large) of the matmul ceiling:
+
+    small  fwd      diffusers 189.7 ms  dfm 179.7 ms  1.06x     fwd+bwd  606.4 / 606.4 ms  1.00x (best 1.05x)
+    large  fwd      diffusers  2872 ms  dfm  2817 ms  1.02x     fwd+bwd   9074 /  8729 ms  1.04x (best 1.02x)
+
+Where the time goes (profile of the small case): the GEMMs already run at the core's peak (~80 GFLOP/s), the
+CPU flash-attention kernel runs at ~30 GFLOP/s (a head-dim-64 GEMM does no better on this CPU, so neither an
+explicit bmm/softmax attention nor a hand-written backward was faster), GELU-tanh takes ~6%; what dfm removes
+(separate q/k/v GEMMs, the strided RoPE and its scatter writes, unfused modulation/residual ops, casts) is most
+of the remaining ~20%, so 1.25x cannot be reached in eager fp32 with equal outputs. torch.compile of the blocks
+(`WanModel.compile_blocks`) gave no further gain here. On a GPU, where kernel launches and memory traffic of
+the small ops cost relatively more, the same changes should matter more; that is not measured yet.
 """
 
 from __future__ import annotations

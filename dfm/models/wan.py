@@ -122,8 +122,10 @@ WAN_CONFIGS: dict[str, WanConfig] = {
     "14B": WanConfig(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
 }
 
-# the parameters that stay fp32 when the model is cast to bf16 (time path, modulation tables, norms)
+# the parameters that stay fp32 when the model is cast to bf16 (time path, modulation tables, norms), by name
+# in dfm's layout and in diffusers' (which `from_pretrained` casts while loading)
 KEEP_FP32 = ("time_embedder", "time_proj", "modulation", "norm")
+KEEP_FP32_DIFFUSERS = ("condition_embedder.time_embedder", "condition_embedder.time_proj", "scale_shift_table", "norm")
 
 
 # ------------------------------------------------------------------------------------------------ network
@@ -474,8 +476,8 @@ def load_pretrained(cls, path, config=None, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         model = cls(cfg)
     _check_against_model(sd, model.state_dict(), str(path), config_source)
-    sd = {k: v.to(device=device, dtype=torch.float32 if any(s in k for s in ("condition_embedder.time",
-          "scale_shift_table", "norm")) else dtype) for k, v in sd.items()}
+    keep = lambda k: any(s in k for s in KEEP_FP32_DIFFUSERS)  # noqa: E731
+    sd = {k: v.to(device=device, dtype=torch.float32 if keep(k) else dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device)
 
