@@ -29,10 +29,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dfm.errors import UserError
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A missing or unreadable checkpoint; the message names the path and what to do."""
 
 

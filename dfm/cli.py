@@ -11,8 +11,16 @@ exit code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
 from pathlib import Path
+
+from dfm.errors import UserError
+
+
+# modules that define `add_commands(subparsers)`; one module per command family keeps this file small
+COMMAND_MODULES = ("dfm.pipeline", "dfm.evaluate", "dfm.preprocess", "dfm.vae")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a checkpoints folder or an output directory)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=cmd_train)
+    for name in COMMAND_MODULES:  # each adds its subcommands: add_commands(sub) -> parsers with func=...
+        if importlib.util.find_spec(name) is not None and hasattr(module := importlib.import_module(name), "add_commands"):
+            module.add_commands(sub)
     return parser
 
 
@@ -85,20 +96,14 @@ def cmd_train(args) -> int:
     return 0
 
 
-class _UsageError(Exception):
+class _UsageError(UserError):
     pass
 
 
 def main(argv=None) -> int:
-    from dfm.checkpoint import CheckpointError
-    from dfm.config import ConfigError
-
     args = build_parser().parse_args(argv)
-    expected = (ConfigError, CheckpointError, _UsageError, FileNotFoundError)
+    expected = (UserError, FileNotFoundError)
     try:
-        from dfm.train import TrainingError
-
-        expected += (TrainingError,)
         return args.func(args)
     except expected as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -18,10 +18,12 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from dfm.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config key or value; its message is one line that names the problem and the fix."""
 
 

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dfm import distributed as D
 from dfm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from dfm.config import ConfigError, to_dict
+from dfm.errors import UserError
 from dfm.diffusion.edm import EDMPrecond, edm_loss
 from dfm.diffusion.flow import TimestepSampler, flow_loss
 from dfm.diffusion.paths import append_dims, sigma_to_flow_t
@@ -165,7 +166,7 @@ class TrainConfig:
     train: RunConfig = field(default_factory=RunConfig)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (a non-finite loss, ...); the message is one line that names the fix."""
 
 

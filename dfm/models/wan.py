@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from dfm.errors import UserError
 import torch.nn.functional as F
 
 from .layers import (
@@ -357,7 +359,7 @@ def _load_state_dict_pre_hook(module, state_dict, prefix, *args):
 # --------------------------------------------------------------------------------------- loading / saving
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded; the message names the problem and the fix."""
 
 
