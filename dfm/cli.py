@@ -60,21 +60,6 @@ def _resume_config(resume: str) -> Path | None:
     return None
 
 
-_MODEL_FIELD = "model.overrides."
-
-
-def _model_field_overrides(overrides: list[str]) -> dict:
-    """`model.overrides.FIELD=VALUE` items (one backbone field each; checked against the arch when the model is built)."""
-    import yaml
-
-    out = {}
-    for item in overrides:
-        if item.startswith(_MODEL_FIELD) and "=" in item:
-            key, raw = item[len(_MODEL_FIELD):].split("=", 1)
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-    return out
-
-
 def cmd_train(args) -> int:
     from dfm.config import load_config
     from dfm.train import TrainConfig, check_config, config_yaml, train
@@ -84,8 +69,7 @@ def cmd_train(args) -> int:
         if args.resume is None or args.resume == "latest" or _resume_config(args.resume) is None:
             raise _UsageError("dfm train needs --config YAML (or --resume PATH to a checkpoint with its config.yaml)")
         config_path = _resume_config(args.resume)
-    cfg = load_config(TrainConfig, config_path, [o for o in args.overrides if not o.startswith(_MODEL_FIELD)])
-    cfg.model.overrides.update(_model_field_overrides(args.overrides))
+    cfg = load_config(TrainConfig, config_path, args.overrides)
     if args.dry_run:
         check_config(cfg)
         sys.stdout.write(config_yaml(cfg))

@@ -86,9 +86,20 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
+def _key_text(key: Any) -> Any:
+    """YAML 1.1 reads some bare keys as non-strings (`null:` -> None, `yes:`/`on:` -> True, `1:` -> 1); a config
+    key is always a name, so take them back as the words they were written as."""
+    if key is None:
+        return "null"
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    return key if isinstance(key, str) else str(key)
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     """Build the dataclass `cls` from a (nested) dict, rejecting unknown keys."""
     types = _field_types(cls)
+    data = {_key_text(k): v for k, v in data.items()}
     for key in data:
         if key not in types:
             raise _unknown_key(key, prefix, list(types))
@@ -115,7 +126,13 @@ def _set_dotted(data: dict, cls, dotted: str, value: Any) -> None:
         if i == len(parts) - 1:
             node[part] = value
             return
-        if not dataclasses.is_dataclass(types[part]):
+        tp = types[part]
+        if tp is dict or typing.get_origin(tp) is dict:  # a free-form mapping (model.overrides): the rest is one key
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node[part][".".join(parts[i + 1:])] = value
+            return
+        if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"config key '{where}{part}' is a value, not a section; write {where}{part}=VALUE")
         if not isinstance(node.get(part), dict):
             node[part] = {}

@@ -58,3 +58,32 @@ def test_bad_values_are_one_line_errors(tmp_path):
         load_config(Cfg, bad)
     assert load_config(Cfg, None, ["train.resume=null"]).train.resume is None
     assert load_config(Cfg, None, ["optim.lr=1e-3"]).optim.lr == 1e-3
+
+
+@dataclass
+class Text:
+    null: Literal["empty", "zeros"] = "empty"
+
+
+@dataclass
+class Model:
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class Cfg2:
+    text: Text = field(default_factory=Text)
+    model: Model = field(default_factory=Model)
+
+
+def test_bare_yaml_keys_read_as_their_words(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("text:\n  null: zeros\n")  # YAML reads the bare key `null` as None
+    assert load_config(Cfg2, p).text.null == "zeros"
+
+
+def test_dotted_keys_into_a_mapping_field(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  overrides:\n    num_layers: 2\n    ffn_dim: 64\n")
+    cfg = load_config(Cfg2, p, ["model.overrides.num_layers=3", "model.overrides.patch_size=[1, 2, 2]"])
+    assert cfg.model.overrides == {"num_layers": 3, "ffn_dim": 64, "patch_size": [1, 2, 2]}
