@@ -10,15 +10,19 @@ guidance) is one real token and attention over it never sees an all-masked row.
 
 from __future__ import annotations
 
+import html
 import json
 import re
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Iterable, Optional, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from dfm.errors import UserError
 
 SPECIALS = ("<pad>", "<bos>", "<unk>")
 PAD, BOS, UNK = 0, 1, 2
@@ -119,3 +123,350 @@ class SmallTextEncoder(nn.Module):
         enc = cls(WordTokenizer(vocab), SmallTextConfig(**meta))
         enc.load_state_dict(load_file(path / "model.safetensors"))
         return enc
+
+
+# ============================================================================================ frozen encoders
+# What `load_text_encoder` returns: a frozen module in eval mode behind `encode(prompts) -> (embeddings, mask)`,
+# with an LRU cache of per-prompt rows (prompts repeat: Moving Digits has a few hundred captions, CFG's negative
+# prompt is the same every call).
+
+
+class TextEncoderError(UserError, ValueError):
+    """A text encoder folder that cannot be used (missing, no tokenizer, corrupt weights, unsupported model)."""
+
+
+class FrozenTextEncoder(nn.Module):
+    """Base of the frozen encoders: eval mode, no gradients, an LRU cache keyed by prompt.
+
+    Subclasses set `dim` (D), `max_length`, `pad_to` (the L of every batch, or None for the longest prompt of
+    the batch) and `zero_padding` (True when the rows are exactly 0 at padded positions, so the cache keeps only
+    the real tokens and pads with zeros), and implement `_encode(prompts) -> (emb [B, L, D], mask [B, L] bool,
+    pooled [B, P] or None)` for a batch of distinct prompts. Masks are right-padded (a prefix of True).
+
+    cache_bytes bounds the memory the cache holds (0 disables it); `cache_info()` reports hits and misses.
+    """
+
+    dim: int
+    max_length: int
+    pad_to: Optional[int] = None
+    zero_padding: bool = True
+
+    def __init__(self, cache_bytes: int = 256 * 2**20):
+        super().__init__()
+        self.cache_bytes = int(cache_bytes)
+        self._cache: OrderedDict = OrderedDict()  # prompt -> (emb [l, D], mask [l], pooled [P] | None)
+        self._cache_used = 0
+        self.hits = self.misses = 0
+
+    def train(self, mode: bool = True):  # frozen: stays in eval mode whatever the caller asks
+        return super().train(False)
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeddings [B, L, D] float32 and mask [B, L] bool (True = a real token) for a list of prompts."""
+        emb, mask, _ = self._batch(self._rows(prompts))
+        return emb, mask
+
+    def encode_pooled(self, prompts: list[str]) -> torch.Tensor:
+        """One pooled vector per prompt [B, P] float32 (CLIP only: see `HFTextEncoder`)."""
+        rows = self._rows(prompts)
+        if rows[0][2] is None:
+            raise TextEncoderError(f"{type(self).__name__} ({self.describe().get('type')}) has no pooled embedding; "
+                                   f"use a CLIP text encoder for pooled embeddings")
+        return torch.stack([pooled for _, _, pooled in rows])
+
+    # ---- the cache
+
+    @torch.no_grad()
+    def _rows(self, prompts) -> list:
+        """One cached row (emb [l, D], mask [l], pooled | None) per prompt; misses are encoded in one batch."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("encode needs at least one prompt")
+        fresh = {}
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))  # distinct, in order
+        if missing:
+            emb, mask, pooled = self._encode(missing)  # [b, L, D], [b, L], [b, P] | None
+            for i, prompt in enumerate(missing):
+                length = int(mask[i].sum()) if self.zero_padding else mask.shape[1]  # keep only real tokens if pad = 0
+                fresh[prompt] = (emb[i, :length].clone(), mask[i, :length].clone(),
+                                 None if pooled is None else pooled[i].clone())
+        self.misses += len(missing)
+        self.hits += len(prompts) - len(missing)
+        rows = []
+        for prompt in prompts:
+            if prompt in fresh:
+                rows.append(fresh[prompt])
+            else:
+                self._cache.move_to_end(prompt)  # most recently used
+                rows.append(self._cache[prompt])
+        for prompt, row in fresh.items():
+            self._remember(prompt, row)
+        return rows
+
+    def _remember(self, prompt: str, row: tuple) -> None:
+        size = sum(t.numel() * t.element_size() for t in row if t is not None)
+        if size > self.cache_bytes:
+            return
+        self._cache[prompt] = row
+        self._cache_used += size
+        while self._cache_used > self.cache_bytes:  # evict the least recently used
+            _, old = self._cache.popitem(last=False)
+            self._cache_used -= sum(t.numel() * t.element_size() for t in old if t is not None)
+
+    def _batch(self, rows: list) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Stack rows, zero-padding each to L = pad_to (or the longest row)."""
+        length = self.pad_to or max(r[0].shape[0] for r in rows)
+        emb = rows[0][0].new_zeros(len(rows), length, rows[0][0].shape[1])  # [B, L, D]
+        mask = torch.zeros(len(rows), length, dtype=torch.bool, device=emb.device)  # [B, L]
+        for i, (e, m, _) in enumerate(rows):
+            emb[i, : e.shape[0]], mask[i, : m.shape[0]] = e, m
+        pooled = None if rows[0][2] is None else torch.stack([r[2] for r in rows])  # [B, P]
+        return emb, mask, pooled
+
+    def cache_info(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self._cache),
+                "bytes": self._cache_used, "capacity_bytes": self.cache_bytes}
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+        self._cache_used = 0
+
+    def describe(self) -> dict:
+        """What this encoder is (recorded next to precomputed embeddings so they are never mixed up)."""
+        return {"type": "unknown", "dim": self.dim, "max_length": self.max_length}
+
+
+class FrozenSmallTextEncoder(FrozenTextEncoder):
+    """A trained `SmallTextEncoder` used as a frozen encoder (rows padded to the longest prompt of a batch)."""
+
+    def __init__(self, encoder: SmallTextEncoder, source: Optional[str] = None, cache_bytes: int = 256 * 2**20):
+        super().__init__(cache_bytes)
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.dim, self.max_length, self.source = encoder.dim, encoder.max_length, source
+        self.pad_to, self.zero_padding = None, True  # SmallTextEncoder.forward zeroes padded positions
+
+    def _encode(self, prompts):
+        emb, mask = self.encoder.encode(prompts)  # [B, L, D], [B, L]
+        return emb.float(), mask, None
+
+    def describe(self) -> dict:
+        return {"type": "small", "path": self.source, "dim": self.dim, "max_length": self.max_length,
+                "vocab_size": len(self.encoder.tokenizer)}
+
+
+def wan_prompt_clean(text: str) -> str:
+    """Wan's prompt cleaning (Wan `modules/tokenizers.py`, diffusers `pipeline_wan.prompt_clean`): ftfy's
+    fix_text when ftfy is installed, HTML entities unescaped twice, runs of whitespace made one space, stripped."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class HFTextEncoder(FrozenTextEncoder):
+    """A Hugging Face text encoder and its tokenizer, with each family's padding and truncation rules.
+
+    kind "t5" (T5EncoderModel): padded and truncated to max_length, attention mask passed, last hidden state
+        as the model returns it (also at padded positions; the mask marks them).
+    kind "umt5" (UMT5EncoderModel, Wan 2.1): Wan's rule (Wan `modules/t5.py` T5EncoderModel.__call__, diffusers
+        `WanPipeline._get_t5_prompt_embeds`): prompts cleaned (`wan_prompt_clean`), tokenized to max_length 512
+        with padding and truncation, encoded with the attention mask, each row trimmed to its real length and
+        zero-padded back to max_length.
+    kind "clip" (CLIPTextModel / CLIPTextModelWithProjection): padded and truncated to 77 (the position table),
+        encoded without an attention mask (the causal mask already hides the padding from real tokens; this is
+        how the Stable Diffusion pipelines call it), last hidden state. `encode_pooled` gives `pooler_output`
+        (the final-norm state at the end token) for CLIPTextModel and the projected `text_embeds` for
+        CLIPTextModelWithProjection.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, kind: str, max_length: int, source: Optional[str] = None,
+                 tokenizer_source: Optional[str] = None, cache_bytes: int = 256 * 2**20):
+        super().__init__(cache_bytes)
+        if kind not in ("t5", "umt5", "clip"):
+            raise ValueError(f"kind must be t5, umt5 or clip, got {kind!r}")
+        self.model = model.requires_grad_(False).eval()
+        self.tokenizer, self.kind, self.max_length = tokenizer, kind, int(max_length)
+        self.source, self.tokenizer_source = source, tokenizer_source
+        config = model.config
+        self.dim = int(config.hidden_size if kind == "clip" else config.d_model)
+        self.pad_to, self.zero_padding = self.max_length, kind == "umt5"
+        self.pooled_dim = None
+        if kind == "clip":
+            self.pooled_dim = int(config.projection_dim if hasattr(model, "text_projection") else config.hidden_size)
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, max_length] and attention mask [B, max_length] (the tokenizer's, with its special tokens)."""
+        if self.kind == "umt5":
+            prompts = [wan_prompt_clean(p) for p in prompts]
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        return tokens.input_ids, tokens.attention_mask
+
+    def _encode(self, prompts):
+        ids, attention = self.tokenize(prompts)  # [B, L], [B, L]
+        device = next(self.model.parameters()).device
+        ids, attention = ids.to(device), attention.to(device)
+        mask = attention.bool()  # [B, L]
+        if self.kind == "clip":
+            use_mask = getattr(self.model.config, "use_attention_mask", False)
+            out = self.model(input_ids=ids, attention_mask=attention if use_mask else None)
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output  # [B, P]
+            return out.last_hidden_state.float(), mask, pooled.float()
+        emb = self.model(input_ids=ids, attention_mask=attention).last_hidden_state.float()  # [B, L, D]
+        if self.kind == "umt5":
+            emb = emb.masked_fill(~mask[..., None], 0.0)  # Wan: real tokens, then zeros up to max_length
+        return emb, mask, None
+
+    def describe(self) -> dict:
+        config = self.model.config
+        return {"type": self.kind, "class": type(self.model).__name__, "path": self.source,
+                "tokenizer": self.tokenizer_source, "dim": self.dim, "max_length": self.max_length,
+                "vocab_size": int(config.vocab_size), "layers": int(getattr(config, "num_layers", 0)
+                                                                     or getattr(config, "num_hidden_layers", 0))}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+# config.json model_type -> (kind, transformers class name); CLIP picks the projection class from "architectures"
+_HF_MODELS = {"t5": ("t5", "T5EncoderModel"), "umt5": ("umt5", "UMT5EncoderModel"),
+              "clip_text_model": ("clip", "CLIPTextModel")}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json")
+_WAN_MAX_LENGTH = 512  # Wan 2.1's text_len
+_LONG = 100_000  # tokenizers without a real limit report model_max_length ~1e30
+
+
+def _read_config(folder: Path) -> dict:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise TextEncoderError(f"{folder} has no config.json; pass a folder written by SmallTextEncoder."
+                               f"save_pretrained or a Hugging Face text encoder folder (config.json + weights)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise TextEncoderError(f"{config_path} is not valid JSON ({type(e).__name__}); restore the file") from None
+    if not isinstance(config, dict):
+        raise TextEncoderError(f"{config_path} must hold a JSON object; restore the file")
+    return config
+
+
+def _load_small(folder: Path, max_length: Optional[int], cache_bytes: int) -> FrozenSmallTextEncoder:
+    try:
+        encoder = SmallTextEncoder.from_pretrained(folder)
+    except FileNotFoundError as e:
+        raise TextEncoderError(str(e)) from None
+    except Exception as e:  # unreadable safetensors, wrong tensor names or shapes, bad config fields
+        raise TextEncoderError(f"the small text encoder in {folder} is corrupt ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); save it again or use an earlier copy") from None
+    if max_length is not None:
+        if not 1 <= max_length <= encoder.max_length:
+            raise TextEncoderError(f"max_length={max_length} but the small text encoder in {folder} has "
+                                   f"{encoder.max_length} positions; pass max_length <= {encoder.max_length}")
+        encoder.max_length = int(max_length)
+    return FrozenSmallTextEncoder(encoder, str(folder), cache_bytes)
+
+
+def _tokenizer_folder(folder: Path, tokenizer) -> Path:
+    if tokenizer is not None:
+        candidates = [Path(tokenizer)]
+    else:  # in the model folder, or next to it as diffusers lays pipelines out (text_encoder/ + tokenizer/)
+        candidates = [folder, folder.parent / "tokenizer"]
+    for candidate in candidates:
+        if candidate.is_dir() and any((candidate / name).is_file() for name in _TOKENIZER_FILES):
+            return candidate
+    where = " nor ".join(str(c) for c in candidates)
+    raise TextEncoderError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {where}; pass the tokenizer "
+                           f"folder (tokenizer=FOLDER, --tokenizer FOLDER)")
+
+
+def _load_hf(folder: Path, config: dict, tokenizer, max_length, device, dtype, cache_bytes) -> HFTextEncoder:
+    model_type = config.get("model_type")
+    if model_type not in _HF_MODELS:
+        raise TextEncoderError(f"{folder}/config.json has model_type {model_type!r}; supported text encoders: "
+                               f"{', '.join(sorted(_HF_MODELS))} (a CLIP text folder is clip_text_model) or a small "
+                               f"encoder folder")
+    kind, class_name = _HF_MODELS[model_type]
+    if kind == "clip" and "CLIPTextModelWithProjection" in (config.get("architectures") or []):
+        class_name = "CLIPTextModelWithProjection"
+    if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        other = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
+        hint = (f"only safetensors weights are loaded (found {other[0]}); convert them to model.safetensors"
+                if other else "copy the model's weights (model.safetensors) into it")
+        raise TextEncoderError(f"{folder} has no model.safetensors; {hint}")
+    try:
+        import transformers
+    except ImportError:
+        raise TextEncoderError("Hugging Face text encoders need the transformers package; "
+                               "pip install 'dfm[dev]' (or transformers)") from None
+    tokenizer_folder = _tokenizer_folder(folder, tokenizer)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
+    except Exception as e:
+        raise TextEncoderError(f"cannot load the tokenizer in {tokenizer_folder} ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); pass the model's own tokenizer folder") from None
+    vocab_size = int(config.get("vocab_size") or 0)
+    if vocab_size and len(tok) > vocab_size:
+        raise TextEncoderError(f"the tokenizer in {tokenizer_folder} has {len(tok)} tokens but the model in {folder} "
+                               f"only {vocab_size} embeddings; pass the tokenizer that belongs to this model")
+    model_class = getattr(transformers, class_name)
+    try:
+        model, info = model_class.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
+                                                  use_safetensors=True, output_loading_info=True)
+    except Exception as e:  # truncated or garbled safetensors, shape mismatches, bad config values
+        raise TextEncoderError(f"the weights in {folder} are unreadable ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); download or save the model again") from None
+    if info.get("missing_keys") or info.get("mismatched_keys"):
+        missing = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+        raise TextEncoderError(f"the weights in {folder} lack {len(missing)} tensors of {class_name} (e.g. "
+                               f"{missing[0]}); the folder holds another model or an incomplete copy, download it again")
+    if max_length is None:
+        if kind == "umt5":
+            max_length = _WAN_MAX_LENGTH
+        elif kind == "clip":
+            max_length = int(model.config.max_position_embeddings)
+        else:
+            limit = int(getattr(tok, "model_max_length", _LONG) or _LONG)
+            max_length = limit if limit < _LONG else 512
+    if kind == "clip" and max_length > model.config.max_position_embeddings:
+        raise TextEncoderError(f"max_length={max_length} exceeds this CLIP's {model.config.max_position_embeddings} "
+                               f"positions; pass max_length <= {model.config.max_position_embeddings}")
+    if max_length < 1:
+        raise TextEncoderError(f"max_length must be >= 1, got {max_length}")
+    return HFTextEncoder(model.to(device), tok, kind, max_length, str(folder), str(tokenizer_folder), cache_bytes)
+
+
+def load_text_encoder(path, tokenizer=None, max_length: Optional[int] = None, *, device="cpu",
+                      dtype: torch.dtype = torch.float32, cache_bytes: int = 256 * 2**20) -> FrozenTextEncoder:
+    """A frozen text encoder from a local folder (never from a hub).
+
+    path: a folder written by `SmallTextEncoder.save_pretrained`; a Hugging Face folder of a T5EncoderModel,
+        UMT5EncoderModel (Wan 2.1's text_encoder/), CLIPTextModel or CLIPTextModelWithProjection (the class is
+        chosen from config.json's model_type and architectures); or a diffusers pipeline folder (model_index.json
+        with text_encoder/ and tokenizer/).
+    tokenizer: the tokenizer folder when it is not in `path` (default: `path`, then `path/../tokenizer`).
+    max_length: tokens per prompt (default: 512 for UMT5 as Wan, 77 for CLIP, the tokenizer's limit or 512 for
+        T5, the trained length for a small encoder).
+    device, dtype: where and in which precision the model runs (outputs are float32 either way).
+    cache_bytes: memory for the per-prompt embedding cache.
+
+    Raises TextEncoderError (a dfm.errors.UserError) naming the problem and the fix.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise TextEncoderError(f"text encoder folder {folder} not found; pass a folder written by SmallTextEncoder."
+                               f"save_pretrained or a local Hugging Face text encoder folder")
+    if (folder / "model_index.json").is_file() and (folder / "text_encoder").is_dir():  # a diffusers pipeline
+        if tokenizer is None and (folder / "tokenizer").is_dir():
+            tokenizer = folder / "tokenizer"
+        folder = folder / "text_encoder"
+    config = _read_config(folder)
+    if config.get("type") == "small":
+        encoder = _load_small(folder, max_length, cache_bytes)
+        return encoder.to(device)
+    return _load_hf(folder, config, tokenizer, max_length, device, dtype, cache_bytes)

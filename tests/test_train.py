@@ -97,6 +97,13 @@ def test_run_writes_metrics_checkpoints_and_samples(reference):
     assert (samples / "00.mp4").stat().st_size > 0 and (samples / "01.mp4").is_file()
     assert (samples / "contact_sheet.png").stat().st_size > 0
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 6
+    # TensorBoard event files hold the same losses as metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    tb_losses = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert tb_losses == pytest.approx(reference["losses"])
 
 
 def test_resume_continues_with_identical_losses(reference, tmp_path):
