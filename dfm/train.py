@@ -90,6 +90,8 @@ class DataConfig:
     length: int = 10_000  # items per epoch
     # folder (dfm.data.VideoFolder)
     root: Optional[str] = None
+    buckets: Optional[list[list[int]]] = None  # [[H, W], ...] aspect buckets (each video to the nearest); None: size x size
+    frame_buckets: Optional[list[int]] = None  # clip lengths (each video gets the longest it supplies); None: num_frames
     stride: Optional[int] = None
     fps: Optional[float] = None
     # loading
@@ -375,8 +377,8 @@ def build_dataset(cfg: TrainConfig) -> Dataset:
                             colors=d.colors, bounce=d.bounce, length=d.length, seed=cfg.train.seed)
     from dfm.data import VideoFolder
 
-    ds = VideoFolder(d.root, num_frames=d.num_frames, size=(d.size, d.size), stride=d.stride, fps=d.fps,
-                     seed=cfg.train.seed)
+    ds = VideoFolder(d.root, num_frames=d.frame_buckets or d.num_frames, size=d.buckets or (d.size, d.size),
+                     stride=d.stride, fps=d.fps, seed=cfg.train.seed)
     if len(ds) == 0:
         raise ConfigError(f"data.root={d.root}: no usable videos (skipped: {len(ds.skipped)}); check the folder")
     return ds
@@ -399,21 +401,51 @@ def keep_captions(seed: int, samples, dropout: float) -> list[bool]:
 
 
 class GlobalOrder(Dataset):
-    """Global sample index g -> {"video", "caption", "sample": g}: item perm_e[g mod N], e = g div N, where perm_e
-    is a permutation of the N items fixed by (seed, e) (the identity without shuffle)."""
+    """Global sample index g -> {"video", "caption", "sample": g}.
 
-    def __init__(self, dataset: Dataset, seed: int, shuffle: bool = True):
-        self.dataset, self.seed, self.shuffle = dataset, seed, shuffle
+    One shape (every item alike): item perm_e[g mod N], e = g div N, where perm_e is a permutation of the N items
+    fixed by (seed, e) (the identity without shuffle).
+    Buckets (a dataset whose `bucket_keys` hold several shapes, e.g. VideoFolder with aspect or length buckets):
+    global batch k = g div B is batch k mod n_e of epoch e = k div n_e, the epoch's full single-shape batches in the
+    order `BucketBatchSampler(seed, epoch e)` gives; so every global batch (and each rank's slice of it) shares one
+    shape, and the order is still a function of (seed, g) alone."""
+
+    def __init__(self, dataset: Dataset, seed: int, shuffle: bool = True, batch_size: int = 1):
+        self.dataset, self.seed, self.shuffle, self.B = dataset, seed, shuffle, batch_size
         self.n = len(dataset)
-        self._epoch, self._perm = -1, None
+        keys = getattr(dataset, "bucket_keys", None)
+        self.bucketed = keys is not None and len(set(keys)) > 1
+        self._epoch, self._perm, self._batches = -1, None, None
+        if self.bucketed:
+            from dfm.data.buckets import BucketBatchSampler
+
+            self._sampler = BucketBatchSampler(keys, batch_size, shuffle=shuffle, drop_last=True, seed=seed)
+            if len(self._sampler) == 0:
+                raise ConfigError(f"no shape bucket holds train.batch_size={batch_size} videos (bucket sizes: "
+                                  f"{sorted(len(g) for g in self._sampler.groups.values())}); lower the batch size "
+                                  f"or use fewer buckets")
+
+    def _set_epoch(self, epoch: int) -> None:
+        if epoch == self._epoch:
+            return
+        self._epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):  # new random temporal crops each epoch
+            self.dataset.set_epoch(epoch)
+        if self.bucketed:
+            self._sampler.set_epoch(epoch)
+            self._batches = self._sampler.batches()
+        elif self.shuffle:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
     def index(self, g: int) -> int:
+        if self.bucketed:
+            k, j = divmod(int(g), self.B)
+            epoch, b = divmod(k, len(self._sampler))
+            self._set_epoch(epoch)
+            return self._batches[b][j]
         epoch, i = divmod(int(g), self.n)
-        if not self.shuffle:
-            return i
-        if epoch != self._epoch:
-            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return int(self._perm[i])
+        self._set_epoch(epoch)
+        return int(self._perm[i]) if self.shuffle else i
 
     def __len__(self) -> int:
         return self.n
@@ -679,7 +711,7 @@ class Trainer:
         t = self.cfg.train
         sampler = StepBatches(self.start_step, t.max_steps, t.batch_size, t.grad_accum, self.info.rank,
                               self.info.world_size)
-        return DataLoader(GlobalOrder(self.dataset, t.seed, self.cfg.data.shuffle), batch_sampler=sampler,
+        return DataLoader(GlobalOrder(self.dataset, t.seed, self.cfg.data.shuffle, t.batch_size), batch_sampler=sampler,
                           collate_fn=collate_batch, num_workers=self.cfg.data.num_workers,
                           pin_memory=self.info.device.type == "cuda")
 

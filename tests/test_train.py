@@ -233,6 +233,25 @@ def test_corrupt_video_in_folder_is_skipped(tmp_path):
     assert result["step"] == 2 and math.isfinite(result["loss"])
 
 
+def test_folder_aspect_buckets_give_single_shape_batches(tmp_path):
+    from dfm.train import GlobalOrder, build_dataset
+    from dfm.video import write_video
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, (h, w) in enumerate([(8, 16), (16, 8)] * 3):  # landscape and portrait clips
+        write_video(root / f"clip{i}.mp4", torch.rand(3, 4, h, w, generator=g) * 2 - 1, fps=8)
+        (root / f"clip{i}.txt").write_text(f"clip number {i}")
+    data = {"dataset": "folder", "root": str(root), "num_frames": 2, "size": 8, "buckets": [[8, 16], [16, 8]]}
+    cfg = tiny(tmp_path, "buckets", "train.max_steps=4", "train.batch_size=2", data=data)
+    order = GlobalOrder(build_dataset(cfg), seed=0, batch_size=2)
+    shapes = [{tuple(order[g]["video"].shape) for g in range(2 * k, 2 * k + 2)} for k in range(6)]  # 2 epochs
+    assert all(len(s) == 1 for s in shapes) and {s.pop() for s in shapes} == {(3, 2, 8, 16), (3, 2, 16, 8)}
+    result = train(cfg)
+    assert result["step"] == 4 and math.isfinite(result["loss"])
+
+
 def test_wan_backbone_with_edm_and_zeros_null(tmp_path):
     cfg = tiny(tmp_path, "edm", "train.max_steps=2", "train.grad_accum=2", "text.null=zeros",
                "diffusion.paradigm=edm", "train.validate_every=2", "train.val_steps=2",
