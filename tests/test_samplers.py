@@ -345,8 +345,13 @@ def test_callbacks():
         sample_flow(flow_velocity(MIX), normal(), ts, method, callback=seen.append)
         assert set(seen[0]) == {"x", "i", "t", "t_next", "denoised", "nfe"} and seen[0]["t"] == 1.0
         nfe[method] = [d["nfe"] for d in seen]
+    for method in ("unipc", "dpmpp_2m"):  # the multistep flow solvers report the same keys
+        seen = []
+        sample_flow(flow_velocity(MIX), normal(), ts, method, callback=seen.append)
+        assert set(seen[0]) == {"x", "i", "t", "t_next", "denoised", "nfe"} and seen[-1]["t_next"] == 0.0
+        nfe[method] = [d["nfe"] for d in seen]
     assert nfe == {"euler": [1, 2, 3, 4, 5], "heun": [2, 4, 6, 8, 9], "midpoint": [2, 4, 6, 8, 10],
-                   "rk4": [4, 8, 12, 16, 20]}
+                   "rk4": [4, 8, 12, 16, 20], "unipc": [1, 2, 3, 4, 5], "dpmpp_2m": [1, 2, 3, 4, 5]}
 
 
 @pytest.mark.parametrize("method", sorted(SAMPLERS))

@@ -28,10 +28,10 @@ Entry points (see EDM_METHODS and FLOW_METHODS at the bottom):
     EDM_METHODS[name](denoiser, x, sigmas, *, generator=None, callback=None, **options)
         denoiser(x [B, ...], sigma [B]) -> x0_hat; sigmas 1-D descending (last may be 0); x starts as
         noise * sigmas[0] (k-diffusion's convention). callback receives
-        {"x", "i", "sigma", "sigma_hat", "denoised"} once per step, before the step is taken.
+        {"x", "i", "sigma", "sigma_hat", "denoised", "nfe"} once per step, before the step is taken.
     FLOW_METHODS[name](velocity, x, ts, *, generator=None, callback=None, **options)
         velocity(x_t [B, ...], t [B]) -> v = eps - x0; ts 1-D descending from <= 1 to >= 0; x starts as noise when
-        ts[0] = 1. callback receives {"x", "i", "t", "denoised"}.
+        ts[0] = 1. callback receives {"x", "i", "t", "t_next", "denoised", "nfe"}, as the single-step flow solvers.
 
 Names: dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, dpmpp_3m_sde, unipc. All noise comes from noise.randn_like(x, generator).
 """
@@ -97,12 +97,15 @@ def _edm_grid(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback)
     values = _grid_values(sigmas, "sigmas")
     sigmas = sigmas.to(x.device)  # fp32 (or the caller's dtype): never cast to the network's bf16
 
+    nfe = [0]
+
     def x0(x: Tensor, i: int) -> Tensor:
+        nfe[0] += 1
         return denoiser(x, sigmas[i].expand(x.shape[0]))  # sigma [B]
 
     def report(i: int, x: Tensor, x0: Tensor) -> None:
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0, "nfe": nfe[0]})
 
     return _Grid([1.0] * len(values), values, x0, report)
 
@@ -114,13 +117,16 @@ def _flow_grid(velocity: Velocity, x: Tensor, ts: Tensor, callback: Callback) ->
         raise ValueError(f"flow time must start at <= 1 (t = 1 is pure noise), got {values[0]}")
     ts = ts.to(x.device)  # fp32: t near 1 needs the digits
 
+    nfe = [0]
+
     def x0(x: Tensor, i: int) -> Tensor:
+        nfe[0] += 1
         t = ts[i].expand(x.shape[0])  # [B]
         return x - append_dims(t, x.ndim).to(x.dtype) * velocity(x, t)
 
     def report(i: int, x: Tensor, x0: Tensor) -> None:
-        if callback is not None:
-            callback({"x": x, "i": i, "t": ts[i], "denoised": x0})
+        if callback is not None:  # the keys of the single-step flow solvers (flow_samplers.py)
+            callback({"x": x, "i": i, "t": ts[i], "t_next": ts[i + 1], "denoised": x0, "nfe": nfe[0]})
 
     return _Grid([1.0 - t for t in values], values, x0, report)
 
