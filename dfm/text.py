@@ -1,11 +1,22 @@
 """Text encoders behind one interface: `encode(prompts: list[str]) -> (embeddings [B, L, D], mask [B, L])`.
 
-This module holds the interface and the small built-in encoder for training from scratch on small data (a word
-tokenizer built from the training captions plus a few transformer layers, trained with the diffusion model).
-Pretrained Hugging Face encoders (T5, UMT5, CLIP) implement the same interface.
+This module holds the interface and two kinds of encoders:
+- the small built-in encoder for training from scratch on small data (a word tokenizer built from the training
+  captions plus a few transformer layers, trained with the diffusion model): `SmallTextEncoder`;
+- frozen encoders loaded from a local folder, with a per-prompt LRU embedding cache:
 
-Every encoded prompt starts with a <bos> token, so the empty prompt (the unconditional branch of classifier-free
-guidance) is one real token and attention over it never sees an all-masked row.
+    enc = load_text_encoder("models/Wan2.1-T2V-1.3B-Diffusers")   # UMT5 (text_encoder/ + tokenizer/), Wan's rule
+    enc = load_text_encoder("models/t5-small", max_length=120)     # T5EncoderModel
+    enc = load_text_encoder("models/clip-vit-l/text_encoder")      # CLIPTextModel(WithProjection)
+    enc = load_text_encoder("runs/x/text")                         # a SmallTextEncoder.save_pretrained folder
+    emb, mask = enc.encode(["a red digit 3 moves up"])             # [B, L, D] float32, [B, L] bool
+    pooled = enc.encode_pooled([...])                              # [B, P], CLIP only
+
+  Hugging Face models are optional (transformers is a dev dependency) and never fetched from a hub.
+
+The small encoder starts every prompt with a <bos> token, T5/UMT5 end it with </s> and CLIP wraps it in its start
+and end tokens, so the empty prompt (the unconditional branch of classifier-free guidance) has real tokens and
+attention over it never sees an all-masked row.
 """
 
 from __future__ import annotations
@@ -135,13 +146,21 @@ class TextEncoderError(UserError, ValueError):
     """A text encoder folder that cannot be used (missing, no tokenizer, corrupt weights, unsupported model)."""
 
 
+def _reason(error: BaseException) -> str:
+    """"TypeName: first line of the message", for one-line errors."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 class FrozenTextEncoder(nn.Module):
     """Base of the frozen encoders: eval mode, no gradients, an LRU cache keyed by prompt.
 
     Subclasses set `dim` (D), `max_length`, `pad_to` (the L of every batch, or None for the longest prompt of
-    the batch) and `zero_padding` (True when the rows are exactly 0 at padded positions, so the cache keeps only
-    the real tokens and pads with zeros), and implement `_encode(prompts) -> (emb [B, L, D], mask [B, L] bool,
-    pooled [B, P] or None)` for a batch of distinct prompts. Masks are right-padded (a prefix of True).
+    the batch) and `zero_padding` (True: every row is cut to its real tokens and zero-padded back to L, so the
+    output is exactly 0 past the real tokens and the cache holds only those; Wan's rule for UMT5, and what the
+    small encoder gives anyway. False: rows are kept as the model returns them), and implement
+    `_encode(prompts) -> (emb [B, L, D], mask [B, L] bool, pooled [B, P] or None)` for a batch of distinct
+    prompts. Masks are right-padded (a prefix of True).
 
     cache_bytes bounds the memory the cache holds (0 disables it); `cache_info()` reports hits and misses.
     """
@@ -161,17 +180,21 @@ class FrozenTextEncoder(nn.Module):
     def train(self, mode: bool = True):  # frozen: stays in eval mode whatever the caller asks
         return super().train(False)
 
+    def _apply(self, fn, *args, **kwargs):  # .to(device / dtype): cached rows belong to the old one
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         raise NotImplementedError
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """embeddings [B, L, D] float32 and mask [B, L] bool (True = a real token) for a list of prompts."""
-        emb, mask, _ = self._batch(self._rows(prompts))
+        emb, mask, _ = self._batch(self.rows(prompts))
         return emb, mask
 
     def encode_pooled(self, prompts: list[str]) -> torch.Tensor:
         """One pooled vector per prompt [B, P] float32 (CLIP only: see `HFTextEncoder`)."""
-        rows = self._rows(prompts)
+        rows = self.rows(prompts)
         if rows[0][2] is None:
             raise TextEncoderError(f"{type(self).__name__} ({self.describe().get('type')}) has no pooled embedding; "
                                    f"use a CLIP text encoder for pooled embeddings")
@@ -180,8 +203,11 @@ class FrozenTextEncoder(nn.Module):
     # ---- the cache
 
     @torch.no_grad()
-    def _rows(self, prompts) -> list:
-        """One cached row (emb [l, D], mask [l], pooled | None) per prompt; misses are encoded in one batch."""
+    def rows(self, prompts) -> list:
+        """One row (emb [l, D], mask [l] bool, pooled [P] | None) per prompt, from the cache or encoded (the misses
+        in one batch). l = the real tokens when `zero_padding` (pad with zeros to `pad_to` to rebuild the batch
+        row), else the full padded length. What `dfm preprocess` stores per sample. Cached rows are shared with
+        the cache: copy before modifying."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("encode needs at least one prompt")
@@ -190,7 +216,7 @@ class FrozenTextEncoder(nn.Module):
         if missing:
             emb, mask, pooled = self._encode(missing)  # [b, L, D], [b, L], [b, P] | None
             for i, prompt in enumerate(missing):
-                length = int(mask[i].sum()) if self.zero_padding else mask.shape[1]  # keep only real tokens if pad = 0
+                length = int(mask[i].sum()) if self.zero_padding else mask.shape[1]  # [l]: the real tokens
                 fresh[prompt] = (emb[i, :length].clone(), mask[i, :length].clone(),
                                  None if pooled is None else pooled[i].clone())
         self.misses += len(missing)
@@ -252,6 +278,10 @@ class FrozenSmallTextEncoder(FrozenTextEncoder):
         emb, mask = self.encoder.encode(prompts)  # [B, L, D], [B, L]
         return emb.float(), mask, None
 
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens of `prompt` before truncation to max_length (<bos> + words)."""
+        return 1 + len(words(prompt))
+
     def describe(self) -> dict:
         return {"type": "small", "path": self.source, "dim": self.dim, "max_length": self.max_length,
                 "vocab_size": len(self.encoder.tokenizer)}
@@ -309,6 +339,12 @@ class HFTextEncoder(FrozenTextEncoder):
                                 add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         return tokens.input_ids, tokens.attention_mask
 
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens of `prompt` before truncation to max_length (special tokens included)."""
+        if self.kind == "umt5":
+            prompt = wan_prompt_clean(prompt)
+        return len(self.tokenizer(prompt, add_special_tokens=True).input_ids)
+
     def _encode(self, prompts):
         ids, attention = self.tokenize(prompts)  # [B, L], [B, L]
         device = next(self.model.parameters()).device
@@ -320,9 +356,7 @@ class HFTextEncoder(FrozenTextEncoder):
             pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output  # [B, P]
             return out.last_hidden_state.float(), mask, pooled.float()
         emb = self.model(input_ids=ids, attention_mask=attention).last_hidden_state.float()  # [B, L, D]
-        if self.kind == "umt5":
-            emb = emb.masked_fill(~mask[..., None], 0.0)  # Wan: real tokens, then zeros up to max_length
-        return emb, mask, None
+        return emb, mask, None  # umt5: `rows` trims to the real tokens and `_batch` zero-pads to max_length (Wan)
 
     def describe(self) -> dict:
         config = self.model.config
@@ -362,8 +396,8 @@ def _load_small(folder: Path, max_length: Optional[int], cache_bytes: int) -> Fr
     except FileNotFoundError as e:
         raise TextEncoderError(str(e)) from None
     except Exception as e:  # unreadable safetensors, wrong tensor names or shapes, bad config fields
-        raise TextEncoderError(f"the small text encoder in {folder} is corrupt ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}); save it again or use an earlier copy") from None
+        raise TextEncoderError(f"the small text encoder in {folder} is corrupt ({_reason(e)}); save it again or "
+                               f"use an earlier copy") from None
     if max_length is not None:
         if not 1 <= max_length <= encoder.max_length:
             raise TextEncoderError(f"max_length={max_length} but the small text encoder in {folder} has "
@@ -374,7 +408,7 @@ def _load_small(folder: Path, max_length: Optional[int], cache_bytes: int) -> Fr
 
 def _tokenizer_folder(folder: Path, tokenizer) -> Path:
     if tokenizer is not None:
-        candidates = [Path(tokenizer)]
+        candidates = [Path(tokenizer).resolve()]
     else:  # in the model folder, or next to it as diffusers lays pipelines out (text_encoder/ + tokenizer/)
         candidates = [folder, folder.parent / "tokenizer"]
     for candidate in candidates:
@@ -408,8 +442,8 @@ def _load_hf(folder: Path, config: dict, tokenizer, max_length, device, dtype, c
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
     except Exception as e:
-        raise TextEncoderError(f"cannot load the tokenizer in {tokenizer_folder} ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}); pass the model's own tokenizer folder") from None
+        raise TextEncoderError(f"cannot load the tokenizer in {tokenizer_folder} ({_reason(e)}); pass the model's "
+                               f"own tokenizer folder") from None
     vocab_size = int(config.get("vocab_size") or 0)
     if vocab_size and len(tok) > vocab_size:
         raise TextEncoderError(f"the tokenizer in {tokenizer_folder} has {len(tok)} tokens but the model in {folder} "
@@ -419,12 +453,13 @@ def _load_hf(folder: Path, config: dict, tokenizer, max_length, device, dtype, c
         model, info = model_class.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
                                                   use_safetensors=True, output_loading_info=True)
     except Exception as e:  # truncated or garbled safetensors, shape mismatches, bad config values
-        raise TextEncoderError(f"the weights in {folder} are unreadable ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}); download or save the model again") from None
+        raise TextEncoderError(f"the weights in {folder} are unreadable ({_reason(e)}); download or save the "
+                               f"model again") from None
     if info.get("missing_keys") or info.get("mismatched_keys"):
         missing = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
         raise TextEncoderError(f"the weights in {folder} lack {len(missing)} tensors of {class_name} (e.g. "
-                               f"{missing[0]}); the folder holds another model or an incomplete copy, download it again")
+                               f"{missing[0]}); the folder holds another model or an incomplete copy: download it "
+                               f"again")
     if max_length is None:
         if kind == "umt5":
             max_length = _WAN_MAX_LENGTH
@@ -457,9 +492,9 @@ def load_text_encoder(path, tokenizer=None, max_length: Optional[int] = None, *,
 
     Raises TextEncoderError (a dfm.errors.UserError) naming the problem and the fix.
     """
-    folder = Path(path)
+    folder = Path(path).resolve()
     if not folder.is_dir():
-        raise TextEncoderError(f"text encoder folder {folder} not found; pass a folder written by SmallTextEncoder."
+        raise TextEncoderError(f"text encoder folder {path} not found; pass a folder written by SmallTextEncoder."
                                f"save_pretrained or a local Hugging Face text encoder folder")
     if (folder / "model_index.json").is_file() and (folder / "text_encoder").is_dir():  # a diffusers pipeline
         if tokenizer is None and (folder / "tokenizer").is_dir():

@@ -1,6 +1,6 @@
 """Datasets: Moving Digits (built in, from scikit-learn's digits) and folders of real videos.
 
-    from dfm.data import MovingDigits, VideoFolder, BucketBatchSampler, collate
+    from dfm.data import MovingDigits, VideoFolder, LatentDataset, BucketBatchSampler, collate
     data = MovingDigits(num_frames=16, size=32)          # item["video"]: [3, 16, 32, 32] in [-1, 1]
     loader = DataLoader(data, batch_size=8, collate_fn=collate)
 
@@ -14,6 +14,7 @@ import torch
 from .buckets import BucketBatchSampler
 from .digits import COLORS, DIRECTIONS, MovingDigits, caption_for, parse_caption
 from .folders import VideoFolder
+from .latents import LatentDataset
 
 
 def collate(items: list) -> dict:
@@ -35,6 +36,7 @@ __all__ = [
     "BucketBatchSampler",
     "COLORS",
     "DIRECTIONS",
+    "LatentDataset",
     "MovingDigits",
     "VideoFolder",
     "caption_for",
