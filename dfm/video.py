@@ -250,6 +250,12 @@ def read_video(
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike):
     """Yield a temporary path next to `path` (same suffix); on success move it onto `path`, on error delete it."""
@@ -257,6 +263,7 @@ def atomic_path(path: PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600); a written file gets the usual mode
     try:
         yield Path(tmp)
         os.replace(tmp, path)

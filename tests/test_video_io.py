@@ -168,3 +168,13 @@ def test_webm_without_frame_count_is_probed_and_read(tmp_path):
     assert probe_video(path) == VideoInfo(num_frames=7, fps=12.0, height=24, width=32)
     levels = read_video(path, 3, stride=3)[0, :, 12, 16]  # frames 0, 3, 6
     assert torch.allclose(levels, torch.tensor([0, 90, 180]) / 127.5 - 1, atol=0.05)
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+    import stat
+
+    path = write_video(tmp_path / "clip.mp4", torch.zeros(3, 2, 8, 8))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # not mkstemp's private 0600
