@@ -1,0 +1,160 @@
+"""Seconds per video: dfm's pipeline against diffusers' WanPipeline on the same Wan 2.1 folder and settings.
+
+    python benchmarks/pipeline.py --quick          # tiny folder, a few seconds: a smoke test of the script
+    python benchmarks/pipeline.py                  # small folder (dim 256, 4 layers), 17 frames at 128x128
+    python benchmarks/pipeline.py --device cuda    # the same on a GPU
+
+A random Wan 2.1 text-to-video model (WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel, a sentencepiece
+tokenizer trained here, UniPC with flow sigmas as the released folders use) is saved in the diffusers layout once;
+dfm's `load_pipeline` and diffusers' `WanPipeline.from_pretrained` load that folder. Both generate the same videos
+(same prompt, Wan's negative prompt, the same initial latents, guidance 5, UniPC): the outputs are compared before
+timing. The timed call is the whole generation: text encoding, the sampling loop, VAE decoding (wall-clock and
+process CPU time; with one thread the CPU time is the number that load from other processes disturbs least).
+dfm's text cache is cleared before every call, so neither side reuses an encoding. Times are medians over repeats
+that alternate the two pipelines; the ratio is diffusers' time over dfm's.
+
+Where the difference comes from: diffusers runs the conditional and the unconditional branch as two forwards of
+batch B per step; dfm runs them as one forward of batch 2B (dfm.diffusion.guidance.CFGDenoiser), plus dfm's WAN
+kernels (fused q/k/v, one complex-multiply RoPE; see benchmarks/models.py).
+
+On CPU the default is one thread (--threads 0: torch's default), as in benchmarks/models.py.
+
+Measured on this project's 2-core CPU machine (1 thread, fp32, load average ~5 from other jobs, so the CPU-time
+ratio is the result; `python benchmarks/pipeline.py --repeats 5`), outputs equal to 1.7e-6:
+
+    | pipeline  | wall s / video (median) | CPU s / video (median) | diffusers / dfm (wall, CPU) |
+    | diffusers | 4.413                   | 2.192                  | 1.00x, 1.00x                |
+    | dfm       | 3.911                   | 1.952                  | 1.13x, 1.12x                |
+
+The VAE decode and the text encoder cost both sides the same; the CUDA path has not been run (no GPU was lent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dfm.pipeline import WAN_NEGATIVE_PROMPT, load_pipeline  # noqa: E402
+
+PROMPT = "a cat and a dog bake a cake together in a kitchen"
+SENTENCES = [PROMPT, "the digit 7 moves to the left", "sunlight streams through the window onto the table",
+             "a red car drives along a wet street at night", WAN_NEGATIVE_PROMPT]
+
+CONFIGS = {  # transformer, text encoder, VAE, video
+    "tiny": dict(heads=2, head_dim=12, layers=2, ffn=48, text_dim=32, text_layers=2, vae_dim=3, frames=5, size=32),
+    "small": dict(heads=4, head_dim=64, layers=4, ffn=1024, text_dim=64, text_layers=2, vae_dim=3, frames=17,
+                  size=128),
+}
+
+
+def build_folder(root: Path, c: dict) -> Path:
+    """A random Wan 2.1 pipeline saved in diffusers' layout (the released folders' scheduler settings)."""
+    import diffusers
+    import sentencepiece as spm
+    import transformers
+
+    torch.manual_seed(0)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 4), model_prefix=str(root / "sp"),
+                                   vocab_size=120, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(root / "sp.model"))
+    tok = transformers.T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
+                                   extra_ids=0)
+    text = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=len(tok), d_model=c["text_dim"], d_kv=16, d_ff=2 * c["text_dim"], num_layers=c["text_layers"],
+        num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=c["heads"], attention_head_dim=c["head_dim"], in_channels=16,
+        out_channels=16, text_dim=c["text_dim"], freq_dim=64, ffn_dim=c["ffn"], num_layers=c["layers"])
+    vae = diffusers.AutoencoderKLWan(base_dim=c["vae_dim"], z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0, num_train_timesteps=1000, solver_order=2)
+    folder = root / "wan"
+    diffusers.WanPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer,
+                          scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the tiny config (a smoke test)")
+    ap.add_argument("--config", choices=list(CONFIGS), default=None)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=1, help="videos per call")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+    args = ap.parse_args()
+    import diffusers
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    name = args.config or ("tiny" if args.quick else "small")
+    c = CONFIGS[name]
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(prefix="dfm_bench_pipeline_") as tmp:
+        folder = build_folder(Path(tmp), c)
+        ours = load_pipeline(folder, device=device)
+        theirs = diffusers.WanPipeline.from_pretrained(str(folder), local_files_only=True).to(device)
+        theirs.set_progress_bar_config(disable=True)
+        seeds = list(range(args.batch))
+        shape = ours.latent_shape(c["frames"], c["size"], c["size"])
+        latents = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+        settings = dict(num_frames=c["frames"], height=c["size"], width=c["size"], steps=args.steps,
+                        guidance_scale=5.0)
+
+        def run_dfm():
+            ours.text.clear_cache()
+            return ours.generate([PROMPT] * args.batch, seeds=seeds, progress=False, **settings).videos
+
+        def run_diffusers():
+            frames = theirs(prompt=[PROMPT] * args.batch, negative_prompt=WAN_NEGATIVE_PROMPT, height=c["size"],
+                            width=c["size"], num_frames=c["frames"], num_inference_steps=args.steps,
+                            guidance_scale=5.0, latents=latents.clone().to(device), output_type="pt").frames
+            return frames.permute(0, 2, 1, 3, 4) * 2 - 1  # [B, 3, F, H, W] in [-1, 1]
+
+        with torch.no_grad():
+            diff = (run_dfm().cpu() - run_diffusers().cpu()).abs().max().item()  # also the warm-up
+            times = {"diffusers": [], "dfm": []}
+            cpu_times = {"diffusers": [], "dfm": []}
+            for _ in range(args.repeats):
+                for label, fn in (("diffusers", run_diffusers), ("dfm", run_dfm)):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    fn()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times[label].append((time.perf_counter() - start) / args.batch)
+                    cpu_times[label].append((time.process_time() - cpu_start) / args.batch)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu_times.items()}
+    tokens = (1 + (c["frames"] - 1) // 4) * (c["size"] // 16) ** 2
+    cpu = platform.processor() or platform.machine()
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"cpu ({cpu}, {torch.get_num_threads()} thread(s))")
+    print(f"device: {where}; torch {torch.__version__}, diffusers {diffusers.__version__}; fp32")
+    print(f"config {name}: transformer {c['layers']} layers, dim {c['heads'] * c['head_dim']}; {c['frames']} frames at "
+          f"{c['size']}x{c['size']} ({tokens} video tokens, 512 text tokens); UniPC {args.steps} steps, guidance 5, "
+          f"batch {args.batch}; {args.repeats} alternating repeats; max |dfm - diffusers| = {diff:.2e}")
+    print()
+    print("| pipeline | wall s / video (median) | min | max | CPU s / video (median) | diffusers / dfm (wall, CPU) |")
+    print("|---|---|---|---|---|---|")
+    for label in ("diffusers", "dfm"):
+        v = times[label]
+        print(f"| {label} | {med[label]:.3f} | {min(v):.3f} | {max(v):.3f} | {cpu_med[label]:.3f} | "
+              f"{med['diffusers'] / med[label]:.2f}x, {cpu_med['diffusers'] / cpu_med[label]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""The text-to-video pipeline (dfm.pipeline): trainer checkpoint -> `dfm export` -> model folder -> `load_pipeline` ->
+`generate`, for a tiny WAN + flow and a tiny DiT + EDM model trained two steps; seeds, agreement with
+Trainer.generate, every sampler on both paradigms, input validation, and the `dfm generate / info / export` CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dfm import cli
+from dfm import distributed as D
+from dfm.config import load_config
+from dfm.errors import UserError
+from dfm.pipeline import (
+    Generation,
+    _text_module,
+    PipelineError,
+    export_checkpoint,
+    load_pipeline,
+    resolve_sampler,
+    sampler_names,
+    sampling_grid,
+)
+from dfm.train import TrainConfig, Trainer, train
+
+PROMPTS = ["the digit 1 moves up", "the digit 2 moves down", "the digit 3 moves to the left"]
+
+TINY = {
+    "wan_flow": {
+        "model": {"arch": "wan", "size": "tiny", "overrides": {"num_layers": 1}},
+        "diffusion": {"paradigm": "flow"},
+    },
+    "dit_edm": {
+        "model": {"arch": "dit", "size": "tiny", "overrides": {"depth": 1, "dim": 32, "heads": 2}},
+        "diffusion": {"paradigm": "edm"},
+    },
+}
+COMMON = {
+    "data": {"dataset": "digits", "num_frames": 2, "size": 8, "length": 64},
+    "text": {"dim": 16, "layers": 1, "heads": 2, "max_length": 12},
+    "optim": {"lr": 1e-3},
+    "train": {"max_steps": 2, "batch_size": 2, "log_every": 1, "checkpoint_every": 0, "progress": False,
+              "tensorboard": False, "seed": 5, "val_steps": 3, "val_guidance": 3.0, "val_shift": 2.0},
+}
+
+
+def tiny_config(tmp: Path, name: str) -> TrainConfig:
+    data = {**json.loads(json.dumps(COMMON)), **TINY[name]}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(TrainConfig, path, [f"train.output_dir={tmp / name}"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{name: (config, checkpoint, exported EMA folder, exported trained-weights folder)} for both models."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    out = {}
+    for name in TINY:
+        cfg = tiny_config(tmp, name)
+        ckpt = Path(train(cfg)["checkpoint"])
+        ema = export_checkpoint(ckpt, tmp / f"{name}_model")
+        raw = export_checkpoint(ckpt, tmp / f"{name}_raw", ema=False)
+        out[name] = (cfg, ckpt, ema, raw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipes(runs):
+    return {name: load_pipeline(r[2]) for name, r in runs.items()}
+
+
+# ------------------------------------------------------------------------------------------- model folders
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_export_writes_a_model_folder(runs, name):
+    cfg, ckpt, folder, _ = runs[name]
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["format"] == "dfm" and index["arch"] == cfg.model.arch
+    assert index["paradigm"] == cfg.diffusion.paradigm
+    assert index["source"] == {"checkpoint": str(ckpt), "step": 2, "weights": "ema"}
+    # defaults from the training config
+    d = index["defaults"]
+    assert (d["num_frames"], d["height"], d["width"], d["steps"], d["guidance_scale"]) == (2, 8, 8, 3, 3.0)
+    assert d["fps"] == cfg.train.val_fps and d["negative_prompt"] is None
+    assert d["sampler"] == ("flow:euler" if name == "wan_flow" else "edm:heun")  # val_sampler "auto"
+    assert d["shift"] == (2.0 if name == "wan_flow" else None)
+    assert {p.name for p in folder.iterdir()} >= {"model_index.json", "transformer", "text_encoder", "vae",
+                                                  "config.yaml"}
+    assert yaml.safe_load((folder / "config.yaml").read_text())["model"]["arch"] == cfg.model.arch
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_exported_weights_are_the_ema_or_the_trained_ones(runs, pipes, name):
+    from dfm.checkpoint import load_checkpoint
+
+    _, ckpt, _, raw = runs[name]
+    saved = load_checkpoint(ckpt)
+    for folder_pipe, key in ((pipes[name], "ema"), (load_pipeline(raw), "model")):
+        own = {**{f"net.{k}": v for k, v in D.named_tensors(folder_pipe.transformer).items()},
+               **{f"text.{k}": v for k, v in D.named_tensors(_text_module(folder_pipe.text)).items()}}
+        assert set(own) == set(saved[key])
+        for k, v in saved[key].items():
+            assert torch.equal(own[k], v), k
+    assert any(not torch.equal(saved["ema"][k], saved["model"][k]) for k in saved["model"])  # they differ
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_generate_shapes_and_cost(pipes, name):
+    pipe = pipes[name]
+    out = pipe.generate(PROMPTS[:2], seed=3, progress=False)
+    assert isinstance(out, Generation)
+    assert out.videos.shape == (2, 3, 2, 8, 8) and out.videos.dtype == torch.float32
+    assert out.videos.abs().max() <= 1 and torch.isfinite(out.videos).all()
+    assert out.seeds == [3, 4] and out.prompts == PROMPTS[:2] and out.fps == pipe.defaults["fps"]
+    # NFE per video: flow Euler one per step; EDM Heun two per step except the last (to sigma = 0)
+    assert out.nfe == (3 if name == "wan_flow" else 2 * 3 - 1)
+    assert out.seconds > 0
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_batch_of_seeds_equals_single_runs(pipes, name):
+    pipe = pipes[name]
+    batch = pipe.generate(PROMPTS, seeds=[11, 12, 13], steps=2, sampler="edm:euler_ancestral", progress=False)
+    for i, (prompt, seed) in enumerate(zip(PROMPTS, [11, 12, 13])):
+        one = pipe.generate(prompt, seed=seed, steps=2, sampler="edm:euler_ancestral", progress=False)
+        torch.testing.assert_close(one.videos[0], batch.videos[i], atol=2e-5, rtol=0)
+    other = pipe.generate(PROMPTS[0], seed=99, steps=2, sampler="edm:euler_ancestral", progress=False)
+    assert (other.videos[0] - batch.videos[0]).abs().max() > 1e-3  # the seed matters
+    several = pipe.generate(PROMPTS[0], seeds=[11, 14], steps=2, progress=False)  # one prompt, two seeds
+    assert several.prompts == [PROMPTS[0]] * 2 and several.seeds == [11, 14]
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_same_videos_as_trainer_generate(runs, name, tmp_path):
+    """The exported trained weights sample what the trainer's validation sampled (same prompts, same noise)."""
+    cfg, ckpt, _, raw = runs[name]
+    trainer_cfg = load_config(TrainConfig, ckpt / "config.yaml", [f"train.output_dir={tmp_path / 'resumed'}"])
+    trainer = Trainer(trainer_cfg, resume=str(ckpt))
+    trainer.module.eval()
+    steps, guidance = 3, 3.0
+    expected = trainer.generate(PROMPTS, steps, guidance, "auto")
+    seeds = [D.derive_seed(cfg.train.seed, i, 2) for i in range(len(PROMPTS))]  # the trainer's validation noise
+    got = load_pipeline(raw).generate(PROMPTS, seeds=seeds, steps=steps, guidance_scale=guidance, progress=False)
+    torch.testing.assert_close(got.videos, expected, atol=1e-5, rtol=0)
+    assert (expected - expected.mean()).abs().max() > 1e-3  # not a constant image
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_every_sampler_runs(pipes, name):
+    pipe = pipes[name]
+    names = sampler_names(pipe.paradigm)
+    assert len(names) == len(set(names)) >= 20
+    for sampler in names:
+        out = pipe.generate(PROMPTS[0], seed=0, steps=3, sampler=sampler, progress=False)
+        assert torch.isfinite(out.videos).all(), sampler
+        assert out.nfe >= 2 and out.settings["sampler"] == sampler
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_first_order_samplers_agree_across_spaces(pipes, name):
+    """Euler in flow time s and Euler in EDM sigma on the same grid are the same method (design.md), and so is
+    DDIM: the exact adapters of dfm.diffusion.paths carry either model to either space."""
+    pipe = pipes[name]
+    ref = pipe.generate(PROMPTS[:2], seed=1, steps=4, sampler="flow:euler", progress=False).videos
+    for other in ("edm:euler", "edm:ddim"):
+        got = pipe.generate(PROMPTS[:2], seed=1, steps=4, sampler=other, progress=False).videos
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    heun = pipe.generate(PROMPTS[:2], seed=1, steps=4, sampler="edm:heun", progress=False).videos
+    assert (heun - ref).abs().max() > 1e-4  # a different method does differ
+
+
+def test_negative_prompt_and_guidance(pipes):
+    pipe = pipes["wan_flow"]
+    base = pipe.generate(PROMPTS[0], seed=2, steps=2, progress=False).videos
+    neg = pipe.generate(PROMPTS[0], seed=2, steps=2, negative_prompt="the digit 9 moves up", progress=False).videos
+    assert (neg - base).abs().max() > 1e-4  # a negative prompt is used, not ignored
+    cond_only = pipe.generate(PROMPTS[0], seed=2, steps=2, guidance_scale=1.0, progress=False)
+    assert (cond_only.videos - base).abs().max() > 1e-4
+    # guidance 1 with any negative prompt is the conditional model alone
+    cond_neg = pipe.generate(PROMPTS[0], seed=2, steps=2, guidance_scale=1.0, negative_prompt="x", progress=False)
+    torch.testing.assert_close(cond_neg.videos, cond_only.videos, atol=0, rtol=0)
+
+
+def test_callback_and_progress(pipes, capsys):
+    seen = []
+    pipes["dit_edm"].generate(PROMPTS[0], seed=0, steps=4, sampler="edm:dpmpp_2m", progress=False,
+                              callback=lambda info: seen.append((info["i"], info["steps"], info["denoised"].shape)))
+    assert [s[0] for s in seen] == [0, 1, 2, 3] and all(s[1] == 4 for s in seen)
+    assert seen[0][2] == (1, 3, 2, 8, 8)
+    pipes["dit_edm"].generate(PROMPTS[0], seed=0, steps=2, progress=True)
+    assert "generate" in capsys.readouterr().err  # tqdm on stderr
+
+
+def test_grids():
+    g = sampling_grid("flow_shifted", 4, shift=3.0)
+    assert g.kind == "flow" and g.values[0] == 1 and g.values[-1] == 0
+    assert g.sigmas()[0] == 1e6 and g.sigmas()[-1] == 0  # s = 1 is evaluated at SIGMA_INF
+    assert torch.equal(g.flow_times(), g.values.float())
+    k = sampling_grid("karras", 5, sigma_min=0.002, sigma_max=80.0)
+    torch.testing.assert_close(k.flow_times()[:-1].double(), k.values[:-1] / (1 + k.values[:-1]))
+    with pytest.raises(PipelineError, match="unknown sampling grid"):
+        sampling_grid("linear", 3)
+
+
+def test_sampler_names():
+    assert resolve_sampler("euler", "flow") == ("flow", "euler")
+    assert resolve_sampler("euler", "edm") == ("edm", "euler")
+    assert resolve_sampler("lms", "flow") == ("edm", "lms")  # only in the EDM space
+    assert resolve_sampler("midpoint", "edm") == ("flow", "midpoint")
+    assert resolve_sampler("edm:unipc", "flow") == ("edm", "unipc")
+    assert resolve_sampler("auto", "edm") == ("edm", "heun")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def test_invalid_arguments(pipes):
+    pipe = pipes["wan_flow"]
+    with pytest.raises(PipelineError, match=r"unknown sampler 'foo'; use one of: flow:dopri5, .*edm:unipc"):
+        pipe.generate(PROMPTS[0], sampler="foo")
+    with pytest.raises(PipelineError, match="unknown sampler 'edm:midpoint'"):
+        pipe.generate(PROMPTS[0], sampler="edm:midpoint")
+    with pytest.raises(PipelineError, match="prompt 1 is empty"):
+        pipe.generate([PROMPTS[0], "  "])
+    with pytest.raises(PipelineError, match="no prompt"):
+        pipe.generate([])
+    long = " ".join(["the digit 1 moves up"] * 3)  # 15 words + <bos> > max_length 12
+    with pytest.raises(PipelineError, match="prompt 0 is 16 tokens long; .* at most 12"):
+        pipe.generate(long)
+    with pytest.raises(PipelineError, match="negative prompt 0 is 16 tokens"):
+        pipe.generate(PROMPTS[0], negative_prompt=long)
+    with pytest.raises(PipelineError, match=r"must be multiples of 2x2 \(VAE factor 1 x patch 2x2\)"):
+        pipe.generate(PROMPTS[0], height=7)
+    with pytest.raises(PipelineError, match="num_frames must be a positive integer"):
+        pipe.generate(PROMPTS[0], num_frames=0)
+    with pytest.raises(PipelineError, match="3 seeds for 2 prompts"):
+        pipe.generate(PROMPTS[:2], seeds=[1, 2, 3])
+    with pytest.raises(PipelineError, match="steps must be a positive integer"):
+        pipe.generate(PROMPTS[0], steps=0)
+    with pytest.raises(PipelineError, match="shift must be positive"):
+        pipe.generate(PROMPTS[0], shift=0.0)
+    with pytest.raises(PipelineError, match="shift applies to flow-matching models"):
+        pipes["dit_edm"].generate(PROMPTS[0], shift=3.0)
+    with pytest.raises(PipelineError, match="flow sampler 'unipc' has no option 'bogus'; its options are: order"):
+        pipe.generate(PROMPTS[0], sampler="flow:unipc", sampler_options={"bogus": 1})
+
+
+def test_other_sizes_and_frame_counts(pipes):
+    out = pipes["dit_edm"].generate(PROMPTS[0], seed=0, steps=2, num_frames=3, height=12, width=16,
+                                    progress=False)
+    assert out.videos.shape == (1, 3, 3, 12, 16)
+
+
+def test_bad_folders(runs, tmp_path):
+    missing = tmp_path / "models" / "wan_flow_digits"
+    with pytest.raises(PipelineError, match=r"model folder .*models/wan_flow_digits not found \(the shipped model"):
+        load_pipeline(missing)
+    folder = tmp_path / "copy"
+    shutil.copytree(runs["wan_flow"][2], folder)
+    (folder / "model_index.json").write_text("{not json")
+    with pytest.raises(PipelineError, match="model_index.json is not valid JSON"):
+        load_pipeline(folder)
+    shutil.rmtree(folder)
+    shutil.copytree(runs["wan_flow"][2], folder)
+    shutil.rmtree(folder / "transformer")
+    with pytest.raises(PipelineError, match="transformer is missing; export the model again"):
+        load_pipeline(folder)
+    shutil.rmtree(folder)
+    shutil.copytree(runs["wan_flow"][2], folder)
+    weights = folder / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match="text_encoder"):
+        load_pipeline(folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match="has no model_index.json"):
+        load_pipeline(tmp_path / "empty")
+    with pytest.raises(PipelineError, match="exists and is not empty"):
+        export_checkpoint(runs["wan_flow"][1], runs["wan_flow"][2])
+
+
+def test_checkpoint_loads_directly(runs, pipes):
+    """A run directory or a step_* folder loads as a pipeline (EMA weights), the same as its export."""
+    cfg, ckpt, _, _ = runs["dit_edm"]
+    for path in (ckpt, Path(cfg.train.output_dir)):
+        pipe = load_pipeline(path)
+        a = pipe.generate(PROMPTS[0], seed=4, steps=2, progress=False).videos
+        b = pipes["dit_edm"].generate(PROMPTS[0], seed=4, steps=2, progress=False).videos
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_generate_writes_video_and_contact_sheet(runs, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    code = cli.main(["generate", PROMPTS[0], "--model", str(runs["wan_flow"][2]), "--steps", "2", "--seed", "7",
+                     "--out", str(out), "--no-progress", "--sampler", "flow:unipc", "--guidance", "2"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert str(out) in captured.out and str(out.with_suffix(".png")) in captured.out
+    assert "NFE 2" in captured.err and "seeds [7]" in captured.err and "flow:unipc" in captured.err
+    assert out.stat().st_size > 0 and out.with_suffix(".png").stat().st_size > 0
+    from dfm.video import read_video
+
+    assert read_video(out).shape[:2] == (3, 2)  # [3, F, H, W]
+    gif = tmp_path / "two.gif"
+    assert cli.main(["generate", PROMPTS[0], PROMPTS[1], "--model", str(runs["dit_edm"][2]), "--steps", "2",
+                     "--out", str(gif), "--no-progress"]) == 0
+    assert (tmp_path / "two_00.gif").is_file() and (tmp_path / "two_01.gif").is_file()
+    assert (tmp_path / "two.png").is_file()
+
+
+def test_cli_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no models/wan_flow_digits here
+    assert cli.main(["generate", "the digit 1 moves up"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "models/wan_flow_digits not found" in err
+    assert cli.main(["generate", "x", "--model", str(runs["wan_flow"][2]), "--sampler", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown sampler 'nope'" in err
+    assert cli.main(["generate", "x", "--model", str(runs["wan_flow"][2]), "--out", "v.avi", "--steps", "1",
+                     "--no-progress"]) == 2
+    assert "use a .mp4 or .gif" in capsys.readouterr().err
+
+
+def test_cli_info(runs, capsys):
+    cfg, ckpt, folder, _ = runs["wan_flow"]
+    assert cli.main(["info", str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert "dfm model folder" in text and "wan (WanModel, 1 blocks, width 32" in text and "flow" in text
+    n = sum(p.numel() for p in load_pipeline(folder).transformer.parameters())
+    assert f"({n:,})" in text  # transformer parameters, read from the safetensors header
+    assert cli.main(["info", str(Path(cfg.train.output_dir))]) == 0
+    text = capsys.readouterr().out
+    assert "trainer checkpoint, step 2" in text and f"({n:,})" in text and "ema.safetensors" in text
+    assert cli.main(["info", str(runs["dit_edm"][2])]) == 0
+    text = capsys.readouterr().out
+    assert "dit (DiT, 1 blocks, width 32" in text and "edm" in text and "karras" in text
+
+
+def test_cli_export_with_overrides(runs, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(runs["dit_edm"][1]), str(out), "--no-ema", "--steps", "7", "--sampler",
+                     "dpmpp_2m", "--guidance", "1.5", "--fps", "12"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    d = json.loads((out / "model_index.json").read_text())
+    assert d["defaults"]["steps"] == 7 and d["defaults"]["sampler"] == "edm:dpmpp_2m"
+    assert d["defaults"]["guidance_scale"] == 1.5 and d["defaults"]["fps"] == 12
+    assert d["source"]["weights"] == "model"
+    assert cli.main(["export", str(runs["dit_edm"][1]), str(out)]) == 2  # exists
+    assert "--force" in capsys.readouterr().err
+    assert cli.main(["export", str(runs["dit_edm"][1]), str(out), "--force"]) == 0
+    assert math.isclose(json.loads((out / "model_index.json").read_text())["defaults"]["guidance_scale"], 3.0)
