@@ -1,8 +1,11 @@
-"""Speed and memory of dfm's WAN against diffusers' WanTransformer3DModel at identical configurations.
+"""Speed and memory of dfm's WAN against diffusers' WanTransformer3DModel at identical configurations, and of
+the flat DiT against the hourglass DiT as the token count grows (--hdit).
 
     python benchmarks/models.py --quick                    # small config, under a minute on one CPU core
     python benchmarks/models.py                            # small and large configs, a few minutes
     python benchmarks/models.py --device cuda --dtype bf16 --configs 1.3B    # 480x832, 81 frames
+    python benchmarks/models.py --hdit                     # DiT-S vs hourglass-S at 256 and 1024 tokens
+    python benchmarks/models.py --hdit --tokens 256,1024,4096              # and 4096 (minutes per row on a CPU)
 
 Both models get the same weights (dfm loads diffusers' state dict) and the same inputs; the outputs are
 compared first. Times are medians over repeats that alternate the two models (so load from other processes
@@ -23,6 +26,24 @@ Measured on this project's CPU (AMD EPYC, AVX2, 1 of 2 cores, shared with other 
     small  fwd      diffusers 189.7 ms  dfm 179.7 ms  1.06x     fwd+bwd  606.4 / 606.4 ms  1.00x (best 1.05x)
     large  fwd      diffusers  2872 ms  dfm  2817 ms  1.02x     fwd+bwd   9074 /  8729 ms  1.04x (best 1.02x)
 
+(Those % of ceiling were measured before `flops` counted the CPU attention kernel, which torch's counter
+leaves out: they count the matmuls only.)
+
+Flat DiT-S (12 blocks, width 384, full attention) against hourglass-S (32.0M vs 32.5M parameters: levels of
+2/2/3 blocks, widths 256/384/512, 2x8x8 window attention at the two fine levels, full at the coarsest), one
+forward+backward of batch 1, fp32, 1 thread of a shared Intel Xeon (median CPU times; `--hdit`, and
+`--hdit --tokens 4096 --repeats 3`):
+
+    tokens   GFLOP flat / hourglass       CPU ms flat / hourglass        peak MiB flat / hourglass
+       256      36.9 /   9.5   3.9x        346 /  145   2.4x              250 / 248   1.0x
+      1024     198.2 /  38.4   5.2x       1638 /  428   3.8x              568 / 291   1.9x
+      4096    1604.5 / 154.5  10.4x      11974 / 1456   8.2x             1892 / 780   2.4x
+
+The flat DiT's cost grows like L^2 (attention) plus L (the rest); the hourglass's stays near linear in L, since
+its full attention sees L/16 tokens. Most of its parameters sit at the coarse levels, so at equal parameters it
+also does ~4x fewer FLOPs per token at small L. It runs at a lower fraction of the matmul peak (smaller GEMMs at
+the fine widths, window bookkeeping).
+
 Where the time goes (profile of the small case): the GEMMs already run at the core's peak (~80 GFLOP/s), the
 CPU flash-attention kernel runs at ~30 GFLOP/s (a head-dim-64 GEMM does no better on this CPU, so neither an
 explicit bmm/softmax attention nor a hand-written backward was faster), GELU-tanh takes ~6%; what dfm removes
@@ -35,6 +56,7 @@ the small ops cost relatively more, the same changes should matter more; that is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import os
@@ -53,7 +75,7 @@ import torch.utils.flop_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfm.models import WanConfig, WanModel  # noqa: E402
+from dfm.models import DIT_CONFIGS, DiT, WanConfig, WanModel  # noqa: E402
 
 
 @dataclass
@@ -189,8 +211,23 @@ def peak_bytes(run, device) -> int:
     return tracker.peak
 
 
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return torch.utils.flop_counter.sdpa_flop_count(query, key, value)  # shapes: the counter passes shapes
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return torch.utils.flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's FLOP counter knows the CUDA attention kernels but not the CPU one, which it would count as 0
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
 def flops(run) -> int:
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+    with torch.utils.flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         run()
     return counter.get_total_flops()
 
@@ -236,6 +273,91 @@ def bench_case(case: Case, device, dtype, repeats: int, rows: list, use_cpu_time
     gc.collect()
 
 
+# ------------------------------------------------------------------------------- flat vs hourglass DiT
+
+
+# latent (F, H, W) with patch (1, 2, 2) -> F * H/2 * W/2 tokens
+HDIT_LATENTS = {256: (4, 16, 16), 1024: (4, 32, 32), 4096: (4, 64, 64), 16384: (4, 128, 128)}
+
+
+def describe_dit(name: str) -> str:
+    cfg = DIT_CONFIGS[name]
+    if not cfg.hourglass:
+        return f"{name}: {cfg.depth} blocks of width {cfg.dim}, {cfg.attention} attention"
+    return (f"{name}: blocks per level {cfg.depths} (down and up below the coarsest), widths {cfg.level_widths}, "
+            f"attention {cfg.level_attentions} (window {cfg.window}), merges {cfg.level_merges}, {cfg.skip} skips")
+
+
+def bench_hdit(size: str, tokens: list[int], device, dtype, repeats: int, use_cpu_time: bool) -> list:
+    """Forward+backward of the flat DiT `size` and the hourglass `hourglass-{size}` (about the same parameter
+    count) on one latent video of each token count; no text. Rows: (tokens, model, params, GFLOP, wall ms,
+    cpu ms, peak MiB)."""
+    for name in (size, f"hourglass-{size}"):
+        print("  " + describe_dit(name), flush=True)
+    rows = []
+    for n in tokens:
+        latent = HDIT_LATENTS[n]
+        torch.manual_seed(0)
+        nets = {name: DiT(dataclasses.replace(DIT_CONFIGS[name], in_channels=4, patch_size=(1, 2, 2))).to(device)
+                for name in (size, f"hourglass-{size}")}
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(1, 4, *latent, generator=g).to(device, dtype)
+        t = torch.tensor([0.5], device=device)
+
+        def runner(net):
+            def run():
+                net(x, t).float().square().mean().backward()
+            return run
+
+        runs = {}
+        for name, net in nets.items():
+            if dtype != torch.float32:
+                net.cast(dtype)
+            runs[name] = runner(net)
+        stats = {}
+        for name, run in runs.items():
+            stats[name] = {"flops": flops(run), "mem": peak_bytes(run, device)}
+            run()  # warm-up
+        wall, cpu = {k: [] for k in runs}, {k: [] for k in runs}
+        for i in range(repeats):
+            for k in (list(runs) if i % 2 == 0 else list(runs)[::-1]):  # alternate who goes first
+                nets[k].zero_grad(set_to_none=True)
+                sync(device)
+                t0, c0 = time.perf_counter(), time.process_time()
+                runs[k]()
+                sync(device)
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+        for k, net in nets.items():
+            params = sum(p.numel() for p in net.parameters())
+            rows.append((n, k, params, stats[k]["flops"] / 1e9, 1e3 * statistics.median(wall[k]),
+                         1e3 * statistics.median(cpu[k]), stats[k]["mem"] / 2**20))
+            print(f"  {n:6d} tokens  {k:14s} {rows[-1][3]:9.1f} GFLOP  {rows[-1][4]:9.1f} ms  "
+                  f"{rows[-1][6]:8.1f} MiB", flush=True)
+        del nets, runs
+        gc.collect()
+    return rows
+
+
+def print_hdit_table(rows, header, use_cpu_time):
+    print("\n" + header)
+    print("one forward+backward of batch 1 (latent 4 x F x H x W, patch 1x2x2, no text); ms: medians; GFLOP: "
+          "matmul+attention FLOPs of the pass;\nGFLOP/s over the median "
+          f"{'CPU' if use_cpu_time else 'wall'} time; peak MiB: allocated during the pass, weight gradients "
+          "included (4 bytes x params);\nflat/hourglass: the flat DiT's cost over the hourglass's")
+    print(f"{'tokens':>6s} {'model':14s} {'params':>8s} {'GFLOP':>9s} {'wall ms':>9s} {'cpu ms':>9s} {'GFLOP/s':>8s} "
+          f"{'peak MiB':>9s}")
+    by_tokens = {}
+    for n, model, params, gflop, wall, cpu, mib in rows:
+        by_tokens.setdefault(n, []).append((gflop, wall, cpu, mib))
+        rate = gflop / (cpu if use_cpu_time else wall) * 1e3
+        print(f"{n:6d} {model:14s} {params / 1e6:7.1f}M {gflop:9.1f} {wall:9.1f} {cpu:9.1f} {rate:8.1f} {mib:9.1f}")
+        if len(by_tokens[n]) == 2:
+            (fg, fw, fc, fm), (hg, hw, hc, hm) = by_tokens[n]
+            print(f"{n:6d} {'flat/hourglass':14s} {'':8s} {fg / hg:8.2f}x {fw / hw:8.2f}x {fc / hc:8.2f}x {'':8s} "
+                  f"{fm / hm:8.2f}x")
+
+
 def print_table(rows, header, ceiling):
     print("\n" + header)
     print("wall/cpu ms: medians; best ms: the fastest CPU time; speed-up: diffusers time / dfm time")
@@ -257,6 +379,10 @@ def main(argv=None):
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1; 0: torch's default)")
+    parser.add_argument("--hdit", action="store_true", help="flat DiT vs hourglass DiT instead of WAN vs diffusers")
+    parser.add_argument("--hdit-size", default="S", help="with --hdit: the flat size X, compared with hourglass-X "
+                                                          "(tiny, S, B)")
+    parser.add_argument("--tokens", default="256,1024", help=f"with --hdit: token counts, from {list(HDIT_LATENTS)}")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -277,6 +403,13 @@ def main(argv=None):
     # single-threaded CPU: GFLOP/s and the ceiling from process CPU time, which other processes do not inflate
     use_cpu_time = device.type == "cpu" and torch.get_num_threads() == 1
     clock = time.process_time if use_cpu_time else time.perf_counter
+    if args.hdit:
+        header = f"device: {device.type} ({name}); dtype {args.dtype}; torch {torch.__version__}"
+        print(header, flush=True)
+        tokens = [int(t) for t in args.tokens.split(",")]
+        rows = bench_hdit(args.hdit_size, tokens, device, dtype, args.repeats or 5, use_cpu_time)
+        print_hdit_table(rows, header, use_cpu_time)
+        return
     ceiling = matmul_ceiling(device, dtype, n, repeats=5, clock=clock)
     print(f"device: {device.type} ({name}); dtype {args.dtype}; torch {torch.__version__}", flush=True)
     rows = []

@@ -1,12 +1,17 @@
 """The layer library shared by DiT and WAN.
 
 Video tokens are kept as a sequence [B, L, D] in (f, h, w) order, L = F*H*W after patchify. Attention goes
-through `torch.nn.functional.scaled_dot_product_attention` with one of four patterns:
+through `torch.nn.functional.scaled_dot_product_attention` with one of these patterns:
 
-    full      every token sees every token
-    causal    frame-causal: a token sees the tokens of its own and of earlier frames
-    spatial   a token sees the tokens of its own frame        } "factorized" attention alternates them
-    temporal  a token sees the tokens at its own (h, w) position } (Latte, Ma et al. 2024, variant 1)
+    full            every token sees every token
+    causal          frame-causal: a token sees the tokens of its own and of earlier frames
+    spatial         a token sees the tokens of its own frame        } "factorized" attention alternates them
+    temporal        a token sees the tokens at its own (h, w) position } (Latte, Ma et al. 2024, variant 1)
+    window          a token sees the tokens of its (t, h, w) block of the grid    } local attention; alternating
+    shifted_window  the same with the blocks moved by half a window (Swin)        } them links neighbouring blocks
+
+Token merging and splitting (`merge_tokens`, `TokenMerge`, `TokenSplit`) move a sequence between grids of
+different resolution, for the hourglass DiT (Crowson et al. 2024).
 
 Precision: timestep embeddings, modulation (shift/scale/gate), norms and RoPE are computed in fp32 even when
 the weights are bf16; lines that do so say "fp32". `cast_keeping_fp32` casts a model to bf16 except for
@@ -22,9 +27,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dfm.errors import UserError
+
 from .rope import apply_rope
 
-PATTERNS = ("full", "causal", "spatial", "temporal")
+PATTERNS = ("full", "causal", "spatial", "temporal", "window", "shifted_window")
+
+
+class VideoShapeError(UserError, ValueError):
+    """A video (or latent) size the model cannot cut into its patches, merges or attention windows."""
 
 
 # ----------------------------------------------------------------------------------------------- attention
@@ -44,15 +55,21 @@ def frame_causal_mask(grid: tuple[int, int, int], device=None) -> torch.Tensor:
     return frame[:, None] >= frame[None, :]  # [L, L]
 
 
-def attention(q, k, v, pattern: str = "full", grid: tuple[int, int, int] | None = None, attn_mask=None):
+def attention(q, k, v, pattern: str = "full", grid: tuple[int, int, int] | None = None, attn_mask=None,
+              window: tuple[int, int, int] | None = None):
     """Self-attention of video tokens with a pattern. q, k, v: [B, L, heads, head_dim], L = F*H*W in (f, h, w)
-    order; returns [B, L, heads, head_dim]. `attn_mask` is only used by "full"."""
+    order; returns [B, L, heads, head_dim]. `attn_mask` is only used by "full", `window` (t, h, w) only by the
+    window patterns."""
     if pattern == "full":
         return sdpa(q, k, v, attn_mask)
     if pattern not in PATTERNS:
         raise ValueError(f"unknown attention pattern {pattern!r}; choose one of {PATTERNS}")
     if grid is None:
         raise ValueError(f"attention pattern {pattern!r} needs the token grid (F, H, W)")
+    if pattern in ("window", "shifted_window"):
+        if window is None:
+            raise ValueError(f"attention pattern {pattern!r} needs a window size (t, h, w)")
+        return window_attention(q, k, v, grid, window, shifted=pattern == "shifted_window")
     B, L = q.shape[:2]
     f, h, w = grid
     if pattern == "causal":  # query frame i against key frames 0..i: no [L, L] mask, half the FLOPs of full
@@ -66,6 +83,71 @@ def attention(q, k, v, pattern: str = "full", grid: tuple[int, int, int] | None 
     fold = lambda t: t.unflatten(1, (f, h * w)).transpose(1, 2).reshape(B * h * w, f, *t.shape[2:])  # [B*HW, F, heads, hd]
     out = sdpa(fold(q), fold(k), fold(v))  # [B*H*W, F, heads, head_dim]
     return out.reshape(B, h * w, f, *out.shape[2:]).transpose(1, 2).reshape(q.shape)  # [B, L, heads, head_dim]
+
+
+def window_size(grid: tuple[int, int, int], window: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The attention window on a token grid: each side of `window` clipped to the grid; the grid must then be a
+    whole number of windows (else VideoShapeError)."""
+    win = tuple(min(a, n) for a, n in zip(window, grid))
+    if any(n % a for a, n in zip(win, grid)):
+        raise VideoShapeError(f"the token grid (F, H, W) = {tuple(grid)} is not a whole number of attention windows "
+                              f"{win}; use a video size whose token grid is divisible by the window, or change it")
+    return win
+
+
+def shifted_window_mask(grid, win, shift, device=None) -> torch.Tensor:
+    """Boolean [nW, 1, N, N] mask of shifted-window attention (Swin, Liu et al. 2021, §3.2 "efficient batch
+    computation"), N = tokens per window: True where two tokens of a window were also neighbours before the cyclic
+    shift. Along an axis of n tokens, window a and shift s, the shifted positions fall into the runs [0, n-a),
+    [n-a, n-s) and [n-s, n) (the last holds the tokens that wrapped around); tokens attend when their runs agree on
+    every axis."""
+    runs = []
+    for n, a, s in zip(grid, win, shift):
+        run = torch.zeros(n, dtype=torch.long, device=device)  # [n]
+        if s:
+            run[n - a:n - s], run[n - s:] = 1, 2
+        runs.append(run)
+    region = runs[0][:, None, None] * 9 + runs[1][None, :, None] * 3 + runs[2][None, None, :]  # [F, H, W]
+    (f, h, w), (wt, wh, ww) = grid, win
+    region = region.reshape(f // wt, wt, h // wh, wh, w // ww, ww).permute(0, 2, 4, 1, 3, 5)  # [nt, nh, nw, wt, wh, ww]
+    region = region.reshape(-1, wt * wh * ww)  # [nW, N]
+    return (region[:, :, None] == region[:, None, :])[:, None]  # [nW, 1, N, N]
+
+
+def window_attention(q, k, v, grid, window, shifted: bool = False):
+    """Attention inside non-overlapping 3D blocks of the token grid (Swin, Liu et al. 2021; Video Swin, Liu et al.
+    2022): q, k, v [B, L, heads, head_dim] on grid (F, H, W) -> [B, L, heads, head_dim].
+
+    The grid is cut into windows of (t, h, w) tokens (`window_size`: clipped to the grid) that become batch
+    entries of one SDPA call, so the cost is O(L * t*h*w) instead of O(L^2). `shifted` first rolls the grid back by
+    half a window along every axis with more than one window and masks the pairs the roll wrapped around
+    (`shifted_window_mask`); alternating plain and shifted blocks lets information cross window borders. RoPE is
+    applied before (by the caller), so relative positions stay those of the unshifted grid.
+    """
+    B, L, heads, hd = q.shape
+    f, h, w = grid
+    wt, wh, ww = win = window_size(grid, window)
+    nt, nh, nw = f // wt, h // wh, w // ww
+    shift = tuple(a // 2 if shifted and a < n else 0 for a, n in zip(win, grid))
+
+    def fold(t):  # [B, L, heads, hd] -> [B*nW, heads, N, hd] (4D: the fused CPU kernel takes only 4D)
+        t = t.reshape(B, f, h, w, heads, hd)
+        if any(shift):
+            t = t.roll([-s for s in shift], dims=(1, 2, 3))
+        t = t.reshape(B, nt, wt, nh, wh, nw, ww, heads, hd)
+        t = t.permute(0, 1, 3, 5, 7, 2, 4, 6, 8)  # [B, nt, nh, nw, heads, wt, wh, ww, hd]
+        return t.reshape(B * nt * nh * nw, heads, wt * wh * ww, hd)  # [B*nW, heads, N, hd]
+
+    mask = None
+    if any(shift):
+        mask = shifted_window_mask(grid, win, shift, q.device).repeat(B, 1, 1, 1)  # [B*nW, 1, N, N]
+    out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=mask)  # [B*nW, heads, N, hd]
+    out = out.reshape(B, nt, nh, nw, heads, wt, wh, ww, hd)
+    out = out.permute(0, 1, 5, 2, 6, 3, 7, 4, 8)  # [B, nt, wt, nh, wh, nw, ww, heads, hd]
+    out = out.reshape(B, f, h, w, heads, hd)
+    if any(shift):
+        out = out.roll(shift, dims=(1, 2, 3))
+    return out.reshape(B, L, heads, hd)  # [B, L, heads, head_dim]
 
 
 class SelfAttention(nn.Module):
@@ -82,14 +164,14 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x, rope=None, pattern: str = "full", grid=None, attn_mask=None):
+    def forward(self, x, rope=None, pattern: str = "full", grid=None, attn_mask=None, window=None):
         """x [B, L, D] (compute dtype), rope [L, head_dim/2] complex or None -> [B, L, D]."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x [B, L, D]
         q, k = self.norm_q(q).type_as(v), self.norm_k(k).type_as(v)  # fp32 norm, back to compute dtype
         q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in (q, k, v))  # [B, L, heads, head_dim]
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attention(q, k, v, pattern, grid, attn_mask)  # [B, L, heads, head_dim]
+        out = attention(q, k, v, pattern, grid, attn_mask, window)  # [B, L, heads, head_dim]
         return self.out(out.flatten(2))  # [B, L, D]
 
 
@@ -249,7 +331,7 @@ def check_patchable(shape, patch: tuple[int, int, int]) -> tuple[int, int, int]:
     """The token grid (F/pt, H/ph, W/pw) of a [B, C, F, H, W] shape, or a clear error."""
     f, h, w = shape[-3:]
     if f % patch[0] or h % patch[1] or w % patch[2]:
-        raise ValueError(f"video size (F, H, W) = {(f, h, w)} is not divisible by the patch size {tuple(patch)}")
+        raise VideoShapeError(f"video size (F, H, W) = {(f, h, w)} is not divisible by the patch size {tuple(patch)}")
     return f // patch[0], h // patch[1], w // patch[2]
 
 
@@ -282,6 +364,60 @@ class PatchEmbed3d(nn.Conv3d):
     def forward(self, x):
         w = self.weight.permute(0, 2, 3, 4, 1).flatten(1)  # [D, pt*ph*pw*C] in patchify's feature order
         return F.linear(patchify(x.to(w.dtype), self.patch), w, self.bias)  # [B, L, D]
+
+
+# ------------------------------------------------------------------------------------ token merge / split
+
+
+def merge_tokens(x: torch.Tensor, grid: tuple[int, int, int], factor: tuple[int, int, int]) -> torch.Tensor:
+    """Merge each (mt, mh, mw) group of neighbouring tokens into one: [B, L, D] on grid (F, H, W) ->
+    [B, L/m, m*D] on grid (F/mt, H/mh, W/mw), m = mt*mh*mw, features in (mt, mh, mw, D) order (`patchify` applied
+    to the token grid)."""
+    B, L, D = x.shape
+    (f, h, w), (mt, mh, mw) = grid, factor
+    if f % mt or h % mh or w % mw:
+        raise VideoShapeError(f"token grid (F, H, W) = {tuple(grid)} is not divisible by the merge {tuple(factor)}")
+    x = x.reshape(B, f // mt, mt, h // mh, mh, w // mw, mw, D)  # [B, F', mt, H', mh, W', mw, D]
+    x = x.permute(0, 1, 3, 5, 2, 4, 6, 7)  # [B, F', H', W', mt, mh, mw, D]
+    return x.reshape(B, L // (mt * mh * mw), mt * mh * mw * D)  # [B, L', m*D]
+
+
+def split_tokens(x: torch.Tensor, grid: tuple[int, int, int], factor: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of `merge_tokens`: [B, L', m*D] on the coarse grid (F', H', W') -> [B, L'*m, D] on the grid
+    (F'*mt, H'*mh, W'*mw)."""
+    B = x.shape[0]
+    (f, h, w), (mt, mh, mw) = grid, factor
+    x = x.reshape(B, f, h, w, mt, mh, mw, -1)  # [B, F', H', W', mt, mh, mw, D]
+    x = x.permute(0, 1, 4, 2, 5, 3, 6, 7)  # [B, F', mt, H', mh, W', mw, D]
+    return x.reshape(B, f * mt * h * mh * w * mw, -1)  # [B, L, D]
+
+
+class TokenMerge(nn.Module):
+    """Down one level of an hourglass (HDiT, Crowson et al. 2024, §3 "token merging"): `merge_tokens`, then a
+    bias-free Linear(m*D_in -> D_out). [B, L, D_in] fp32 on `grid` -> [B, L/m, D_out] fp32."""
+
+    def __init__(self, in_dim: int, out_dim: int, factor: tuple[int, int, int]):
+        super().__init__()
+        self.factor = tuple(factor)
+        self.proj = nn.Linear(math.prod(self.factor) * in_dim, out_dim, bias=False)
+
+    def forward(self, x, grid):
+        x = merge_tokens(x, grid, self.factor).to(self.proj.weight.dtype)  # [B, L', m*D_in]
+        return self.proj(x).float()  # [B, L', D_out], fp32 residual stream
+
+
+class TokenSplit(nn.Module):
+    """Up one level (HDiT's token splitting): a bias-free Linear(D_in -> m*D_out), then `split_tokens`.
+    [B, L', D_in] fp32 on the coarse `grid` -> [B, L'*m, D_out] fp32 on the fine grid."""
+
+    def __init__(self, in_dim: int, out_dim: int, factor: tuple[int, int, int]):
+        super().__init__()
+        self.factor = tuple(factor)
+        self.proj = nn.Linear(in_dim, math.prod(self.factor) * out_dim, bias=False)
+
+    def forward(self, x, grid):
+        x = self.proj(x.to(self.proj.weight.dtype))  # [B, L', m*D_out]
+        return split_tokens(x, grid, self.factor).float()  # [B, L, D_out], fp32 residual stream
 
 
 # --------------------------------------------------------------------------------------------------- MLPs
