@@ -810,7 +810,8 @@ def _find_checkpoint(path: Path) -> Path | None:
 
 
 def _checkpoint_config(path: Path):
-    """(TrainConfig, the small text encoder of text.json (untrained weights), the autoencoder) of a checkpoint."""
+    """(TrainConfig, the text encoder of text.json: a small one with untrained weights, or the frozen encoder it
+    names, the autoencoder) of a checkpoint."""
     from dfm.config import load_config
     from dfm.text import SmallTextConfig, SmallTextEncoder, WordTokenizer
     from dfm.train import TrainConfig, build_autoencoder
@@ -821,6 +822,15 @@ def _checkpoint_config(path: Path):
             raise PipelineError(f"checkpoint {path} has no {name}; use a checkpoint written by `dfm train`")
     cfg = load_config(TrainConfig, path / "config.yaml")
     meta = _read_json(path / "text.json", "use another checkpoint")
+    if meta.get("type") == "frozen":  # a Hugging Face encoder trained against, not with, the model
+        from dfm.text import load_text_encoder
+
+        enc = meta.get("encoder") or {}
+        if not enc.get("path"):
+            raise PipelineError(f"{path}/text.json names no text encoder folder; use another checkpoint")
+        vae = load_vae("identity") if cfg.autoencoder.name == "identity" else build_autoencoder(cfg)
+        return cfg, _load_text(Path(enc["path"]), "restore the folder text.json names", Path(enc["tokenizer"]) if enc.get("tokenizer")
+                               else None), vae
     try:
         meta.pop("type", None)
         text = SmallTextEncoder(WordTokenizer(meta.pop("vocab")), SmallTextConfig(**meta))
@@ -863,7 +873,7 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
     unless overridden (keys of DEFAULT_KEYS)."""
     from dfm import distributed as D
     from dfm.checkpoint import CheckpointError, load_checkpoint
-    from dfm.text import FrozenSmallTextEncoder
+    from dfm.text import FrozenSmallTextEncoder, SmallTextEncoder
     from dfm.train import _arch, backbone_config, config_yaml
 
     given = Path(path)
@@ -873,8 +883,10 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
                             f"checkpoints/ folder or a run directory); check the path")
     cfg, text, vae = _checkpoint_config(path)
     diffusion, defaults = _checkpoint_recipe(cfg, **overrides)
+    small = isinstance(text, SmallTextEncoder)  # else a frozen encoder, outside the trained module
     net = _arch(cfg.model.arch)[0](backbone_config(cfg, vae.channels, text.dim))
-    module = _diffusion_module(net, text, cfg.diffusion.paradigm, dataclasses.asdict(cfg.diffusion), cfg.text.null)
+    module = _diffusion_module(net, text if small else None, cfg.diffusion.paradigm,
+                               dataclasses.asdict(cfg.diffusion), cfg.text.null)
     ckpt = load_checkpoint(path)
     use_ema = ema and ckpt["ema"] is not None
     try:
@@ -884,7 +896,7 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
     if dtype != torch.float32 and hasattr(net, "cast"):
         net.cast(dtype)
     source = {"checkpoint": str(path), "step": int(ckpt["step"]), "weights": "ema" if use_ema else "model"}
-    frozen = FrozenSmallTextEncoder(text, f"{path}/text.json")
+    frozen = FrozenSmallTextEncoder(text, f"{path}/text.json") if small else text
     return Pipeline(module.eval().to(device), frozen, vae.eval().to(device), arch=cfg.model.arch,
                     paradigm=cfg.diffusion.paradigm, diffusion=diffusion, defaults=defaults, null=cfg.text.null,
                     use_mask=True, kind="dfm", device=device, dtype=dtype, source=source,
@@ -1020,7 +1032,10 @@ def cmd_generate(args) -> int:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    pipe = load_pipeline(args.model, device=device, dtype=dtype)
+    model = Path(args.model)
+    if args.model == DEFAULT_MODEL and not model.exists():  # the shipped model, from outside the repository
+        model = Path(__file__).resolve().parents[1] / DEFAULT_MODEL
+    pipe = load_pipeline(model, device=device, dtype=dtype)
     out = pipe.generate(args.prompt, negative_prompt=args.negative, num_frames=args.frames, height=args.height,
                         width=args.width, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
                         shift=args.shift, seed=args.seed, progress=not args.no_progress)

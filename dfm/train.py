@@ -45,6 +45,7 @@ from dfm.diffusion.edm import EDMPrecond, edm_loss
 from dfm.diffusion.flow import TimestepSampler, flow_loss
 from dfm.diffusion.paths import append_dims, sigma_to_flow_t
 from dfm.text import SmallTextConfig, SmallTextEncoder, WordTokenizer
+from dfm.vae import IdentityVAE  # noqa: F401  (pixel space; was train.IdentityAutoencoder)
 
 # ------------------------------------------------------------------------------------------------------ config
 
@@ -80,7 +81,7 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["digits", "folder"] = "digits"
+    dataset: Literal["digits", "folder", "latents"] = "digits"  # latents: a folder written by `dfm preprocess` (root)
     num_frames: int = 8
     size: int = 32  # frames are size x size
     # digits (dfm.data.MovingDigits)
@@ -101,7 +102,9 @@ class DataConfig:
 
 @dataclass
 class TextConfig:
-    encoder: str = "small"  # "small" (trained from scratch) or a folder written by SmallTextEncoder.save_pretrained
+    # "small" (trained from scratch with the model), a folder written by SmallTextEncoder.save_pretrained (trained
+    # further unless trainable=false), or a Hugging Face T5 / UMT5 / CLIP folder (dfm.text.load_text_encoder: frozen)
+    encoder: str = "small"
     dim: int = 128
     layers: int = 2
     heads: int = 4
@@ -113,7 +116,7 @@ class TextConfig:
 
 @dataclass
 class AutoencoderConfig:
-    name: Literal["identity"] = "identity"  # pixel space; the VAE issue adds latent autoencoders here
+    name: str = "identity"  # "identity" (pixel space) or a VAE folder (dfm.vae.load_vae: ours or diffusers' Wan)
 
 
 @dataclass
@@ -257,50 +260,53 @@ def backbone_config(cfg: TrainConfig, channels: int, text_dim: int):
         raise ConfigError(f"model.overrides: {e}") from None
 
 
-class IdentityAutoencoder(nn.Module):
-    """Pixel space: latents are the video itself. The hook a VAE fills: `encode` pixels [B, 3, F, H, W] in [-1, 1]
-    to normalised latents, `decode` back, `latent_shape` of a clip."""
-
-    channels = 3
-
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        return video
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents
-
-    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        return (self.channels, frames, height, width)
-
-
 def build_autoencoder(cfg: TrainConfig) -> nn.Module:
-    if cfg.autoencoder.name == "identity":
-        return IdentityAutoencoder()
-    raise ConfigError(f"unknown autoencoder.name {cfg.autoencoder.name!r}; use identity")
+    """`autoencoder.name`: "identity" (pixel space) or a VAE folder (dfm.vae.load_vae), frozen in eval mode; the
+    clip size must be one the autoencoder can represent (ConfigError otherwise)."""
+    from dfm.vae import VAEError, load_vae
+
+    try:
+        vae = load_vae(cfg.autoencoder.name)
+        vae.latent_shape(cfg.data.num_frames, cfg.data.size, cfg.data.size)
+    except VAEError as e:
+        raise ConfigError(f"autoencoder.name={cfg.autoencoder.name}: {e}") from None
+    return vae.requires_grad_(False).eval()
 
 
-def build_text_encoder(cfg: TrainConfig, vocab: list[str]) -> SmallTextEncoder:
+def build_text_encoder(cfg: TrainConfig, vocab: list[str]):
+    """The trained SmallTextEncoder (`text.encoder`: small, or a small-encoder folder), or a frozen
+    dfm.text.FrozenTextEncoder (a Hugging Face T5 / UMT5 / CLIP folder), which runs outside the trained module."""
     t = cfg.text
     if t.encoder == "small":
         return SmallTextEncoder(WordTokenizer(vocab), SmallTextConfig(t.dim, t.layers, t.heads, t.max_length))
-    if Path(t.encoder).is_dir():
-        enc = SmallTextEncoder.from_pretrained(t.encoder)
+    folder = Path(t.encoder)
+    if not folder.is_dir():
+        raise ConfigError(f"text.encoder must be 'small' or a text encoder folder, got {t.encoder!r} (not found)")
+    try:
+        small = json.loads((folder / "config.json").read_text()).get("type") == "small"
+    except (OSError, ValueError):
+        small = False
+    if small:
+        enc = SmallTextEncoder.from_pretrained(folder)
         if enc.dim != t.dim:
             raise ConfigError(f"the text encoder in {t.encoder} has dim {enc.dim}; set text.dim={enc.dim}")
         return enc
-    raise ConfigError(f"text.encoder must be 'small' or a folder with a saved text encoder, got {t.encoder!r}")
+    from dfm.text import load_text_encoder
+
+    return load_text_encoder(folder)
 
 
 class DiffusionModule(nn.Module):
     """What is trained: backbone `net` + text encoder `text`, and the loss of one paradigm.
 
     Every computation goes through `forward(task, ...)` so that DDP and FSDP2 hooks see it:
-      forward("loss", x0, ids, mask, keep, generators) -> per-sample loss [B]
+      forward("loss", x0, text, mask, keep, generators) -> per-sample loss [B]  (text: token ids [B, L] for the
+          trained encoder `text`, or embeddings [B, L, D] from a frozen encoder outside, when `text` is None)
       forward("encode", ids, mask) -> context [B, L, D]
       forward("denoise", x, sigma, context=, context_mask=) -> x0_hat, the EDM-coordinate denoiser D(x, sigma)
     """
 
-    def __init__(self, net: nn.Module, text: SmallTextEncoder, diffusion: DiffusionConfig, null: str = "empty"):
+    def __init__(self, net: nn.Module, text: SmallTextEncoder | None, diffusion: DiffusionConfig, null: str = "empty"):
         super().__init__()
         self.net, self.text = net, text
         self.diffusion, self.null = diffusion, null
@@ -323,9 +329,10 @@ class DiffusionModule(nn.Module):
     def edm_denoiser(self) -> EDMPrecond:
         return EDMPrecond(self.net, sigma_data=self.diffusion.sigma_data)
 
-    def loss(self, x0, ids, mask, keep, generators):
-        """x0 [B, C, F, H, W], ids / mask [B, L] (dropped captions already emptied for null=empty), keep [B] bool."""
-        context = self.text(ids, mask)  # [B, L, D]
+    def loss(self, x0, text, mask, keep, generators):
+        """x0 [B, C, F, H, W]; text: ids [B, L] or embeddings [B, L, D] (dropped captions already emptied for
+        null=empty); mask [B, L]; keep [B] bool."""
+        context = self.text(text, mask) if self.text is not None else text  # [B, L, D]
         if self.null == "zeros":
             context = context * append_dims(keep.to(context.dtype), context.ndim)  # dropped -> zeros
         cond = {"context": context, "context_mask": mask}
@@ -375,6 +382,12 @@ def build_dataset(cfg: TrainConfig) -> Dataset:
 
         return MovingDigits(split="train", num_frames=d.num_frames, size=d.size, num_digits=d.num_digits,
                             colors=d.colors, bounce=d.bounce, length=d.length, seed=cfg.train.seed)
+    if d.dataset == "latents":
+        from dfm.data import LatentDataset
+
+        if not d.root:
+            raise ConfigError("data.dataset=latents needs data.root, a folder written by `dfm preprocess`")
+        return LatentDataset(d.root)
     from dfm.data import VideoFolder
 
     ds = VideoFolder(d.root, num_frames=d.frame_buckets or d.num_frames, size=d.buckets or (d.size, d.size),
@@ -382,6 +395,24 @@ def build_dataset(cfg: TrainConfig) -> Dataset:
     if len(ds) == 0:
         raise ConfigError(f"data.root={d.root}: no usable videos (skipped: {len(ds.skipped)}); check the folder")
     return ds
+
+
+def check_latent_dataset(cfg: TrainConfig, dataset, autoencoder) -> None:
+    """A `dfm preprocess` folder must have been made by this config's autoencoder (its latents are decoded by it)
+    and, if it stores text embeddings, by this config's (frozen) text encoder."""
+    made_by = dataset.vae or {}
+    if made_by.get("channels", autoencoder.channels) != autoencoder.channels or \
+            made_by.get("spatial_factor", 1) != getattr(autoencoder, "spatial_factor", 1) or \
+            made_by.get("temporal_factor", 1) != getattr(autoencoder, "temporal_factor", 1):
+        raise ConfigError(f"data.root={cfg.data.root} holds latents of the VAE {made_by.get('spec')!r}; set "
+                          f"autoencoder.name={made_by.get('spec')} (now {cfg.autoencoder.name!r})")
+    stored = dataset.text_encoder
+    if stored is None or stored.get("type") == "small":  # no embeddings, or a small encoder's: captions are used
+        return
+    if cfg.text.encoder == "small" or (stored.get("path") and
+                                       Path(stored["path"]).resolve() != Path(cfg.text.encoder).resolve()):
+        raise ConfigError(f"data.root={cfg.data.root} stores embeddings of the text encoder {stored.get('path')!r}; "
+                          f"set text.encoder to that folder (now {cfg.text.encoder!r})")
 
 
 def vocabulary_captions(cfg: TrainConfig, dataset: Dataset) -> list[str]:
@@ -392,6 +423,8 @@ def vocabulary_captions(cfg: TrainConfig, dataset: Dataset) -> list[str]:
         colors = [None] if not cfg.data.colors else list(cfg.data.colors)
         return [caption_for(digit, direction, color, bounce) for digit in range(10) for direction in DIRECTIONS
                 for color in colors for bounce in (False, True)]
+    if cfg.data.dataset == "latents":
+        return list(dataset.captions)
     return [clip.caption for clip in dataset.clips]
 
 
@@ -452,7 +485,8 @@ class GlobalOrder(Dataset):
 
     def __getitem__(self, g: int) -> dict:
         item = self.dataset[self.index(g)]
-        return {"video": item["video"], "caption": item["caption"], "sample": int(g)}
+        out = {k: item[k] for k in ("video", "latents", "context", "context_mask") if k in item}
+        return {**out, "caption": item["caption"], "sample": int(g)}
 
 
 class StepBatches(Sampler):
@@ -473,8 +507,10 @@ class StepBatches(Sampler):
 
 
 def collate_batch(items: list[dict]) -> dict:
-    return {"video": torch.stack([it["video"] for it in items]), "caption": [it["caption"] for it in items],
-            "sample": torch.tensor([it["sample"] for it in items])}
+    """Stack the tensors (video or latents, and stored text embeddings if any); captions as a list."""
+    batch = {k: torch.stack([it[k] for it in items]) for k in ("video", "latents", "context", "context_mask")
+             if k in items[0]}
+    return {**batch, "caption": [it["caption"] for it in items], "sample": torch.tensor([it["sample"] for it in items])}
 
 
 # ------------------------------------------------------------------------------------------ optimisation
@@ -633,7 +669,8 @@ def find_resume(cfg: TrainConfig, resume: str | None, log) -> Resume | None:
             path = latest_checkpoint(path)  # a checkpoints folder
     ckpt = load_checkpoint(path)
     try:
-        vocab = json.loads((path / "text.json").read_text())["vocab"]
+        meta = json.loads((path / "text.json").read_text())
+        vocab = meta["vocab"] if meta.get("type", "small") == "small" else []  # a frozen encoder has none to keep
     except (OSError, ValueError, KeyError):
         raise CheckpointError(f"checkpoint {path} has no readable text.json (the text vocabulary); resume from an "
                               f"earlier step_* folder or start afresh") from None
@@ -664,14 +701,20 @@ class Trainer:
             (self.out / "config.yaml").write_text(config_yaml(cfg))
 
         self.dataset = build_dataset(cfg)
+        self.latents = cfg.data.dataset == "latents"  # items hold VAE latents (and maybe text embeddings)
         self.autoencoder = build_autoencoder(cfg).to(self.info.device)
+        if self.latents:
+            check_latent_dataset(cfg, self.dataset, self.autoencoder)
         vocab = self.resume.vocab if self.resume else WordTokenizer.from_captions(
             vocabulary_captions(cfg, self.dataset)).vocab
         torch.manual_seed(D.derive_seed(t.seed, 0xC0DE))  # identical initial weights on every rank
         text = build_text_encoder(cfg, vocab)
-        text.requires_grad_(cfg.text.trainable)
+        # a frozen encoder (Hugging Face) runs outside the trained module: not in its weights, not under DDP/FSDP
+        self.frozen_text = None if isinstance(text, SmallTextEncoder) else text.to(self.info.device)
+        if self.frozen_text is None:
+            text.requires_grad_(cfg.text.trainable)
         net = _arch(cfg.model.arch)[0](backbone_config(cfg, self.autoencoder.channels, text.dim))
-        module = DiffusionModule(net, text, cfg.diffusion, cfg.text.null)
+        module = DiffusionModule(net, text if self.frozen_text is None else None, cfg.diffusion, cfg.text.null)
         if self.resume:
             try:
                 D.load_full_state_dict(module, self.resume.ckpt["model"])
@@ -681,7 +724,8 @@ class Trainer:
         if t.activation_checkpointing:
             set_activation_checkpointing(net)
         module.to(self.info.device)
-        blocks = [*getattr(net, "blocks", []), text] if t.parallel == "fsdp" else []
+        blocks = [*getattr(net, "blocks", []), *([text] if self.frozen_text is None else [])] \
+            if t.parallel == "fsdp" else []
         self.model = D.wrap_model(module, self.info, t.parallel, blocks)
         self.module = module  # the unwrapped DiffusionModule (FSDP2 shards it in place)
         if t.compile:
@@ -715,14 +759,29 @@ class Trainer:
                           collate_fn=collate_batch, num_workers=self.cfg.data.num_workers,
                           pin_memory=self.info.device.type == "cuda")
 
-    def conditioning(self, captions: list[str], samples: torch.Tensor):
-        """Token ids and mask [b, L], and keep [b] (False = caption dropped for classifier-free guidance)."""
-        keep = keep_captions(self.cfg.train.seed, samples, self.cfg.text.dropout)
-        if self.cfg.text.null == "empty":
+    def conditioning(self, batch: dict):
+        """(text [b, L] token ids or [b, L, D] embeddings, mask [b, L], keep [b]) of a micro-batch; keep = False
+        where the caption is dropped for classifier-free guidance (replaced by the empty prompt or zeros)."""
+        keep = keep_captions(self.cfg.train.seed, batch["sample"], self.cfg.text.dropout)
+        captions, dev, empty = batch["caption"], self.info.device, self.cfg.text.null == "empty"
+        if empty:
             captions = [c if k else "" for c, k in zip(captions, keep)]
-        ids, mask = self.module.text.tokenizer(captions, self.module.text.max_length)
-        dev = self.info.device
-        return ids.to(dev), mask.to(dev), torch.tensor(keep, device=dev)
+        if self.frozen_text is None:  # the trained small encoder runs inside the module
+            text = self.module.text
+            ids, mask = text.tokenizer(captions, text.max_length)
+            return ids.to(dev), mask.to(dev), torch.tensor(keep, device=dev)
+        if "context" in batch:  # embeddings stored by `dfm preprocess`; dropped rows become the empty prompt's
+            context, mask = batch["context"], batch["context_mask"]
+            if empty and not all(keep):
+                from dfm.pipeline import pad_context
+
+                null, null_mask = pad_context(*self.frozen_text.encode([""]), context.shape[1])
+                drop = ~torch.tensor(keep)
+                context, mask = context.clone(), mask.clone()
+                context[drop], mask[drop] = null[0].to(context.dtype), null_mask[0]
+        else:
+            context, mask = self.frozen_text.encode(captions)  # [b, L, D], [b, L] (cached per prompt)
+        return context.to(dev), mask.to(dev), torch.tensor(keep, device=dev)
 
     def train_step(self, step: int, micro_batches: list[dict]) -> tuple[float, float, float]:
         """One optimizer update from this rank's micro-batches: (global mean loss, grad norm, lr)."""
@@ -734,8 +793,12 @@ class Trainer:
         scale = self.info.world_size / cfg.train.batch_size  # DDP / FSDP average over ranks: sum/B overall
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for a, batch in enumerate(micro_batches):
-            x0 = self.autoencoder.encode(batch["video"].to(dev, non_blocking=True))
-            ids, mask, keep = self.conditioning(batch["caption"], batch["sample"])
+            if "latents" in batch:  # encoded once by `dfm preprocess`
+                x0 = batch["latents"].to(dev, non_blocking=True)
+            else:
+                with torch.no_grad():
+                    x0 = self.autoencoder.encode(batch["video"].to(dev, non_blocking=True))
+            ids, mask, keep = self.conditioning(batch)
             gens = D.sample_generators(cfg.train.seed, batch["sample"].tolist(), 0)
             with D.gradient_sync(self.model, a == len(micro_batches) - 1):
                 with autocast(dev, cfg.train.precision):
@@ -819,9 +882,9 @@ class Trainer:
         path = None
         if self.info.is_main:
             text = self.module.text
-            extra = {"config.yaml": config_yaml(self.cfg),
-                     "text.json": json.dumps({"type": "small", **dataclasses.asdict(text.config),
-                                              "vocab": text.tokenizer.vocab})}
+            text_meta = {"type": "frozen", "encoder": self.frozen_text.describe()} if self.frozen_text is not None else \
+                {"type": "small", **dataclasses.asdict(text.config), "vocab": text.tokenizer.vocab}
+            extra = {"config.yaml": config_yaml(self.cfg), "text.json": json.dumps(text_meta)}
             state = {"step": step, "data_position": step * t.batch_size, "batch_size": t.batch_size,
                      "world_size": self.info.world_size, "seed": t.seed, "lr": lr,
                      "lr_schedule": self.cfg.optim.schedule, "ema_updates": step}
@@ -844,47 +907,44 @@ class Trainer:
     def generate(self, prompts: list[str], steps: int, guidance: float, method: str = "auto") -> torch.Tensor:
         """Videos [P, 3, F, H, W] in [-1, 1] for `prompts`, with fixed noise per prompt index (collective under
         FSDP2: every rank runs it)."""
-        from dfm.diffusion.guidance import CFGDenoiser
-        from dfm.diffusion.paths import velocity_from_denoiser
-        from dfm.diffusion.samplers import sample, sample_flow
-        from dfm.diffusion.schedules import flow_shifted, karras
+        from dfm.pipeline import guidance_branches, guided_sample, resolve_sampler, sampling_grid
 
-        cfg, dev = self.cfg, self.info.device
-        model = self.model if self.cfg.train.parallel == "fsdp" else self.module
+        cfg, dev, d = self.cfg, self.info.device, self.cfg.diffusion
+        model = self.model if self.cfg.train.parallel == "fsdp" else self.module  # FSDP2 hooks need the wrapper
         text = self.module.text
-        P = len(prompts)
-        ids, mask = text.tokenizer(prompts, text.max_length)
-        ids, mask = ids.to(dev), mask.to(dev)
-        with autocast(dev, cfg.train.precision):
-            ctx = model("encode", ids, mask).float()  # [P, L, D]
-            if cfg.text.null == "zeros":
-                null_ctx, null_mask = torch.zeros_like(ctx), mask
-            else:
-                e_ids, e_mask = text.tokenizer([""] * P, text.max_length)
-                null_ctx = model("encode", e_ids.to(dev), e_mask.to(dev)).float()  # [P, 1, D]
-                pad = ctx.shape[1] - null_ctx.shape[1]
-                null_ctx = torch.nn.functional.pad(null_ctx, (0, 0, 0, pad))  # [P, L, D], zeros past <bos>
-                null_mask = torch.nn.functional.pad(e_mask.to(dev), (0, pad), value=False)
+
+        def encode(texts: list[str]):
+            if self.frozen_text is not None:
+                context, mask = self.frozen_text.encode(texts)
+                return context.to(dev), mask.to(dev)
+            ids, mask = text.tokenizer(texts, text.max_length)
+            ids, mask = ids.to(dev), mask.to(dev)
+            with autocast(dev, cfg.train.precision):
+                return model("encode", ids, mask).float(), mask  # [P, L, D], [P, L]
 
         def denoiser(x, sigma, **cond):
             with autocast(dev, cfg.train.precision):
                 return model("denoise", x, sigma, **cond).float()
 
-        guided = CFGDenoiser(denoiser, {"context": ctx, "context_mask": mask},
-                             {"context": null_ctx, "context_mask": null_mask}, scale=guidance)
-        shape = self.autoencoder.latent_shape(cfg.data.num_frames, cfg.data.size, cfg.data.size)
-        gens = D.sample_generators(cfg.train.seed, range(P), 2)
+        # the pipeline's guided sampling (dfm.pipeline): the same CFG branches, grids and samplers as `dfm generate`
+        cond, uncond = guidance_branches(encode, prompts, None, cfg.text.null, True, guidance)
+        shape = self.sample_shape()
+        gens = D.sample_generators(cfg.train.seed, range(len(prompts)), 2)
         noise = torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(dev)  # [P, C, F, H, W]
-        if cfg.diffusion.paradigm == "flow":
-            method = "euler" if method == "auto" else method
-            ts = flow_shifted(steps, shift=cfg.train.val_shift)
-            x = sample_flow(velocity_from_denoiser(guided), noise, ts, method=method, generator=gens)
+        if d.paradigm == "flow":
+            grid = sampling_grid("flow_shifted", steps, shift=cfg.train.val_shift)
         else:
-            method = "heun" if method == "auto" else method
-            d = cfg.diffusion
-            sigmas = karras(steps, d.sigma_min, d.sigma_max, d.rho)
-            x = sample(guided, noise * sigmas[0], sigmas, method=method, generator=gens)
+            grid = sampling_grid("karras", steps, sigma_min=d.sigma_min, sigma_max=d.sigma_max, rho=d.rho)
+        x, _ = guided_sample(denoiser, noise, grid, resolve_sampler(method, d.paradigm), cond=cond, uncond=uncond,
+                             guidance=guidance, generators=gens)
         return self.autoencoder.decode(x).clamp(-1, 1).cpu()
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """The latent shape (C, f, h, w) of validation samples: the data's clip size (a latent dataset's first item)."""
+        if self.latents:
+            return tuple(self.dataset.bucket_keys[0])
+        d = self.cfg.data
+        return self.autoencoder.latent_shape(d.num_frames, d.size, d.size)
 
     def validate(self, step: int) -> None:
         from dfm.video import write_contact_sheet, write_video

@@ -319,10 +319,10 @@ def test_cli_generate_writes_video_and_contact_sheet(runs, tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no models/wan_flow_digits here
-    assert cli.main(["generate", "the digit 1 moves up"]) == 2
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["generate", "the digit 1 moves up", "--model", "models/wan_flow_digits/../wan_flow_digits"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "models/wan_flow_digits not found" in err
+    assert len(err.splitlines()) == 1 and "wan_flow_digits not found; pass --model PATH" in err
     assert cli.main(["generate", "x", "--model", str(runs["wan_flow"][2]), "--sampler", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown sampler 'nope'" in err
