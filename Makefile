@@ -1,4 +1,4 @@
-# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Two commands do all set-up on a fresh machine: `make demo` (generate a video with the shipped model) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) benchmarks/samplers.py --quick
+	$(VENV)/bin/dfm generate "the digit 7 moves up" --seed 0 --out outputs/demo.mp4
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -1042,11 +1042,15 @@ def cmd_generate(args) -> int:
     path = Path(args.out) if args.out else Path("outputs") / f"{_slug(out.prompts[0])}_s{out.seeds[0]}.mp4"
     if path.suffix.lower() not in (".mp4", ".gif"):
         raise PipelineError(f"--out {path}: use a .mp4 or .gif file name")
+    videos = out.videos  # [B, 3, F, H, W]
+    scale = args.scale if args.scale > 0 else max(1, 128 // min(videos.shape[-2:]))  # auto: tiny videos to >= 128 px
+    if scale > 1:  # for viewing only: whole pixels, no smoothing
+        videos = videos.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     written = []
-    for i, video in enumerate(out.videos):
+    for i, video in enumerate(videos):
         target = path if len(out.videos) == 1 else path.with_name(f"{path.stem}_{i:02d}{path.suffix}")
         written.append(write_video(target, video, fps=out.fps, pad_odd=True))
-    sheet = write_contact_sheet(path.with_suffix(".png"), out.videos, labels=out.prompts)
+    sheet = write_contact_sheet(path.with_suffix(".png"), videos, labels=out.prompts)
     for p in written:
         print(p)
     print(sheet)
@@ -1095,6 +1099,8 @@ def add_commands(sub) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="transformer precision (bf16 on GPUs; the CPU is fastest in fp32)")
+    p.add_argument("--scale", type=int, default=0, help="write the video and contact sheet N times larger "
+                   "(nearest neighbour, for viewing; default 0 = auto: small videos up to at least 128 px)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 

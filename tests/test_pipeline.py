@@ -310,10 +310,11 @@ def test_cli_generate_writes_video_and_contact_sheet(runs, tmp_path, capsys):
     assert out.stat().st_size > 0 and out.with_suffix(".png").stat().st_size > 0
     from dfm.video import read_video
 
-    assert read_video(out).shape[:2] == (3, 2)  # [3, F, H, W]
+    assert read_video(out).shape == (3, 2, 128, 128)  # [3, F, H, W]: 8x8 frames scaled up 16x for viewing
     gif = tmp_path / "two.gif"
     assert cli.main(["generate", PROMPTS[0], PROMPTS[1], "--model", str(runs["dit_edm"][2]), "--steps", "2",
-                     "--out", str(gif), "--no-progress"]) == 0
+                     "--out", str(gif), "--no-progress", "--scale", "1"]) == 0
+    assert read_video(tmp_path / "two_00.gif").shape == (3, 2, 8, 8)
     assert (tmp_path / "two_00.gif").is_file() and (tmp_path / "two_01.gif").is_file()
     assert (tmp_path / "two.png").is_file()
 
