@@ -136,6 +136,7 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     max_steps: int = 1000
+    max_minutes: float = 0.0  # also stop (checkpoint, validation) at the first log step past this wall time; 0: off
     batch_size: int = 8  # the global batch (all ranks, all accumulation micro-batches)
     grad_accum: int = 1
     output_dir: str = "runs/default"
@@ -192,7 +193,8 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
     for key, value in [("train.checkpoint_every", t.checkpoint_every), ("train.validate_every", t.validate_every),
                        ("train.keep_checkpoints", t.keep_checkpoints), ("train.seed", t.seed),
                        ("optim.warmup_steps", o.warmup_steps), ("optim.grad_clip", o.grad_clip),
-                       ("data.num_workers", cfg.data.num_workers), ("train.threads", t.threads)]:
+                       ("data.num_workers", cfg.data.num_workers), ("train.threads", t.threads),
+                       ("train.max_minutes", t.max_minutes)]:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if t.batch_size % (world_size * t.grad_accum):
@@ -842,6 +844,7 @@ class Trainer:
             self.log.bar = tqdm(total=t.max_steps, initial=self.start_step, desc="train", dynamic_ncols=True,
                                 file=sys.stderr)
         step, window, window_start = self.start_step, [], time.perf_counter()
+        began = window_start
         micro: list[dict] = []
         last_loss = float("nan")
         for batch in self.loader():
@@ -864,10 +867,16 @@ class Trainer:
                     self.log.bar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{rate:.2f}",
                                              samples_s=f"{rate * t.batch_size:.1f}")
                 window, window_start = [], time.perf_counter()
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
+            out_of_time = t.max_minutes > 0 and step % t.log_every == 0 and \
+                bool(D.broadcast_object(time.perf_counter() - began > 60 * t.max_minutes))  # every rank stops alike
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps or out_of_time:
                 self.checkpoint(step, lr)
-            if t.validate_every and (step % t.validate_every == 0 or step == t.max_steps):
+            if t.validate_every and (step % t.validate_every == 0 or step == t.max_steps or out_of_time):
                 self.validate(step)
+            if out_of_time:
+                self.log.notice(f"train.max_minutes={t.max_minutes:g} reached at step {step}; stopped with a "
+                                f"checkpoint (--resume continues)")
+                break
         self.log.close()
         return {"step": step, "loss": last_loss, "checkpoint": str(self.last_checkpoint)}
 

@@ -252,6 +252,14 @@ def test_folder_aspect_buckets_give_single_shape_batches(tmp_path):
     assert result["step"] == 4 and math.isfinite(result["loss"])
 
 
+def test_max_minutes_stops_with_a_checkpoint(tmp_path):
+    cfg = tiny(tmp_path, "timed", "train.max_steps=50", "train.max_minutes=1e-6", "train.log_every=2",
+               "train.checkpoint_every=0")
+    result = train(cfg)
+    assert result["step"] == 2  # the first log step after the limit
+    assert [p.name for p in list_checkpoints(Path(cfg.train.output_dir) / "checkpoints")] == ["step_00000002"]
+
+
 def test_wan_backbone_with_edm_and_zeros_null(tmp_path):
     cfg = tiny(tmp_path, "edm", "train.max_steps=2", "train.grad_accum=2", "text.null=zeros",
                "diffusion.paradigm=edm", "train.validate_every=2", "train.val_steps=2",
