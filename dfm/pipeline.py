@@ -938,10 +938,15 @@ def _fmt(n: int) -> str:
 
 
 def _transformer_summary(arch: str, cfg: dict) -> str:
+    patch = tuple(cfg.get("patch_size", ()))
+    if cfg.get("depths"):  # an hourglass DiT: blocks and widths per level, finest first (down and up at each)
+        blocks = [2 * d for d in cfg["depths"][:-1]] + [cfg["depths"][-1]]
+        return (f"{arch} (HourglassDiT, {len(blocks)} levels, blocks {tuple(blocks)}, widths "
+                f"{tuple(cfg['widths'])}, patch {patch})")
     layers = cfg.get("num_layers", cfg.get("depth"))
     width = cfg.get("dim") or cfg.get("num_attention_heads", 0) * cfg.get("attention_head_dim", 0)
     name = "WanModel" if arch == "wan" else "DiT"
-    return f"{arch} ({name}, {layers} blocks, width {width}, patch {tuple(cfg.get('patch_size', ()))})"
+    return f"{arch} ({name}, {layers} blocks, width {width}, patch {patch})"
 
 
 def describe(path: str | Path) -> str:
