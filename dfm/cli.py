@@ -20,7 +20,7 @@ from dfm.errors import UserError
 
 
 # modules that define `add_commands(subparsers)`; one module per command family keeps this file small
-COMMAND_MODULES = ("dfm.pipeline", "dfm.evaluate", "dfm.preprocess", "dfm.vae")
+COMMAND_MODULES = ("dfm.pipeline", "dfm.evaluate", "dfm.preprocess", "dfm.train_vae")
 
 
 class _Parser(argparse.ArgumentParser):

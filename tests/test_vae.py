@@ -15,17 +15,15 @@ import torch
 from dfm import cli
 from dfm.config import ConfigError, load_config
 from dfm.errors import UserError
+from dfm.train_vae import VAETrainConfig, psnr, train_vae
 from dfm.vae import (
     CausalVAE,
     CausalVAEConfig,
     IdentityVAE,
     VAEError,
-    VAETrainConfig,
     blend_tiles,
     fit_latent_stats,
     load_vae,
-    psnr,
-    train_vae,
 )
 
 
