@@ -339,7 +339,7 @@ def format_report(report: dict, model: str) -> str:
 def add_commands(sub) -> None:
     p = sub.add_parser("train-vae", help="train the causal video VAE on Moving Digits",
                        description="Train dfm's causal 3D-conv VAE. Settings: the dataclass defaults "
-                                   "(dfm/vae.py VAETrainConfig), then --config, then key=value overrides "
+                                   "(dfm/train_vae.py VAETrainConfig), then --config, then key=value overrides "
                                    "(e.g. train.max_steps=500 model.latent_channels=8). Writes OUTPUT/metrics.jsonl, "
                                    "checkpoints, OUTPUT/model (save_pretrained, with the latent mean/std) and "
                                    "OUTPUT/eval.json.")
