@@ -45,7 +45,6 @@ from dfm.diffusion.edm import EDMPrecond, edm_loss
 from dfm.diffusion.flow import TimestepSampler, flow_loss
 from dfm.diffusion.paths import append_dims, sigma_to_flow_t
 from dfm.text import SmallTextConfig, SmallTextEncoder, WordTokenizer
-from dfm.vae import IdentityVAE  # noqa: F401  (pixel space; was train.IdentityAutoencoder)
 
 # ------------------------------------------------------------------------------------------------------ config
 
@@ -775,7 +774,7 @@ class Trainer:
         if "context" in batch:  # embeddings stored by `dfm preprocess`; dropped rows become the empty prompt's
             context, mask = batch["context"], batch["context_mask"]
             if empty and not all(keep):
-                from dfm.pipeline import pad_context
+                from dfm.diffusion.sampling import pad_context
 
                 null, null_mask = pad_context(*self.frozen_text.encode([""]), context.shape[1])
                 drop = ~torch.tensor(keep)
@@ -827,7 +826,7 @@ class Trainer:
                             f"optim.grad_clip (now {o.grad_clip:g}), or check the data")
 
     def run(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         if self.start_step >= t.max_steps:
             self.log.notice(f"already at step {self.start_step} >= train.max_steps={t.max_steps}; nothing to do")
             return {"step": self.start_step}
@@ -916,7 +915,7 @@ class Trainer:
     def generate(self, prompts: list[str], steps: int, guidance: float, method: str = "auto") -> torch.Tensor:
         """Videos [P, 3, F, H, W] in [-1, 1] for `prompts`, with fixed noise per prompt index (collective under
         FSDP2: every rank runs it)."""
-        from dfm.pipeline import guidance_branches, guided_sample, resolve_sampler, sampling_grid
+        from dfm.diffusion.sampling import guidance_branches, guided_sample, resolve_sampler, sampling_grid
 
         cfg, dev, d = self.cfg, self.info.device, self.cfg.diffusion
         model = self.model if self.cfg.train.parallel == "fsdp" else self.module  # FSDP2 hooks need the wrapper

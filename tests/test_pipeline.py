@@ -17,16 +17,8 @@ from dfm import cli
 from dfm import distributed as D
 from dfm.config import load_config
 from dfm.errors import UserError
-from dfm.pipeline import (
-    Generation,
-    _text_module,
-    PipelineError,
-    export_checkpoint,
-    load_pipeline,
-    resolve_sampler,
-    sampler_names,
-    sampling_grid,
-)
+from dfm.diffusion.sampling import SamplingError, resolve_sampler, sampler_names, sampling_grid
+from dfm.pipeline import Generation, PipelineError, _text_module, export_checkpoint, load_pipeline
 from dfm.train import TrainConfig, Trainer, train
 
 PROMPTS = ["the digit 1 moves up", "the digit 2 moves down", "the digit 3 moves to the left"]
@@ -206,7 +198,7 @@ def test_grids():
     assert torch.equal(g.flow_times(), g.values.float())
     k = sampling_grid("karras", 5, sigma_min=0.002, sigma_max=80.0)
     torch.testing.assert_close(k.flow_times()[:-1].double(), k.values[:-1] / (1 + k.values[:-1]))
-    with pytest.raises(PipelineError, match="unknown sampling grid"):
+    with pytest.raises(SamplingError, match="unknown sampling grid"):
         sampling_grid("linear", 3)
 
 
@@ -224,9 +216,9 @@ def test_sampler_names():
 
 def test_invalid_arguments(pipes):
     pipe = pipes["wan_flow"]
-    with pytest.raises(PipelineError, match=r"unknown sampler 'foo'; use one of: flow:dopri5, .*edm:unipc"):
+    with pytest.raises(SamplingError, match=r"unknown sampler 'foo'; use one of: flow:dopri5, .*edm:unipc"):
         pipe.generate(PROMPTS[0], sampler="foo")
-    with pytest.raises(PipelineError, match="unknown sampler 'edm:midpoint'"):
+    with pytest.raises(SamplingError, match="unknown sampler 'edm:midpoint'"):
         pipe.generate(PROMPTS[0], sampler="edm:midpoint")
     with pytest.raises(PipelineError, match="prompt 1 is empty"):
         pipe.generate([PROMPTS[0], "  "])
@@ -249,7 +241,7 @@ def test_invalid_arguments(pipes):
         pipe.generate(PROMPTS[0], shift=0.0)
     with pytest.raises(PipelineError, match="shift applies to flow-matching models"):
         pipes["dit_edm"].generate(PROMPTS[0], shift=3.0)
-    with pytest.raises(PipelineError, match="flow sampler 'unipc' has no option 'bogus'; its options are: order"):
+    with pytest.raises(SamplingError, match="flow sampler 'unipc' has no option 'bogus'; its options are: order"):
         pipe.generate(PROMPTS[0], sampler="flow:unipc", sampler_options={"bogus": 1})
 
 

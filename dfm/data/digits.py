@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
