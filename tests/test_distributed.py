@@ -51,7 +51,8 @@ def torchrun(runs: list[list[str]], tmp_path: Path, nproc: int = 2) -> None:
     script = tmp_path / "runs.py"
     script.write_text("import sys\nimport torch.distributed as dist\nfrom dfm.cli import main\n"
                       "dist.init_process_group('gloo')  # one group for all runs\n"
-                      f"for args in {runs!r}:\n    rc = main(args)\n    if rc:\n        sys.exit(rc)\n")
+                      f"for args in {runs!r}:\n    rc = main(args)\n    if rc:\n        sys.exit(rc)\n"
+                      "dist.barrier()\ndist.destroy_process_group()  # an undestroyed gloo group can abort at exit\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
