@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_file as _save_file
 
 from dfm.errors import UserError
 
@@ -39,6 +39,14 @@ class CheckpointError(UserError, RuntimeError):
 
 
 # --- optimizer state <-> (tensors, json) ------------------------------------------------------------------------
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, then the file mode a written file normally gets (save_file leaves it 0600, private)."""
+    _save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -112,15 +120,15 @@ def save_checkpoint(
     final = root / f"step_{step:08d}"
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, tmp / "model.safetensors")
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.items()}, tmp / "model.safetensors")
     if ema is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
     meta: dict[str, Any] = {"step": step, "state": state or {}}
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer)
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
     rng_tensors, meta["rng"] = capture_rng()
-    save_file(rng_tensors, tmp / "rng.safetensors")
+    save_safetensors(rng_tensors, tmp / "rng.safetensors")
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     with open(tmp / "state.json", "w") as f:  # written last: its presence marks a complete folder

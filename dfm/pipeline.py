@@ -351,7 +351,7 @@ def _text_module(text):
 
 
 def _save_transformer(net: nn.Module, arch: str, folder: Path) -> None:
-    from safetensors.torch import save_file
+    from dfm.checkpoint import save_safetensors
 
     if arch == "wan":
         net.save_pretrained(folder)
@@ -360,7 +360,7 @@ def _save_transformer(net: nn.Module, arch: str, folder: Path) -> None:
     cfg = dataclasses.asdict(net.config)
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
     (folder / "config.json").write_text(json.dumps({"_class_name": "DiT", **cfg}, indent=2) + "\n")
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, folder / "model.safetensors")
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, folder / "model.safetensors")
 
 
 def _load_transformer(arch: str, folder: Path, device, dtype) -> nn.Module:

@@ -226,7 +226,7 @@ def preprocess(dataset, vae, text_encoder, out, *, settings: Optional[dict] = No
     if hasattr(vae, "to"):
         vae.to(device)
 
-    from safetensors.torch import save_file
+    from dfm.checkpoint import save_safetensors
 
     from dfm.video import atomic_path
 
@@ -243,7 +243,7 @@ def preprocess(dataset, vae, text_encoder, out, *, settings: Optional[dict] = No
             tick = time.time()
             tensors, record = _encode_shard(dataset, vae, text_encoder, lo, hi, batch_size, device)
             with atomic_path(path) as tmp:  # complete or absent: temp file, then rename
-                save_file(tensors, str(tmp), metadata={_RECORD_KEY: json.dumps(record)})
+                save_safetensors(tensors, str(tmp), metadata={_RECORD_KEY: json.dumps(record)})
             written += 1
             if verbose:
                 print(f"dfm preprocess: {path.name} ({k + 1}/{num_shards}): {len(record['samples'])} samples, "

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Iterable, Optional, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from dfm.checkpoint import save_safetensors
 from dfm.errors import UserError
 
 SPECIALS = ("<pad>", "<bos>", "<unk>")
@@ -118,7 +119,8 @@ class SmallTextEncoder(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                         path / "model.safetensors")
         (path / "config.json").write_text(json.dumps({"type": "small", **asdict(self.config),
                                                       "vocab": self.tokenizer.vocab}))
 

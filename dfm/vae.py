@@ -376,14 +376,14 @@ class CausalVAE(nn.Module):
     def save_pretrained(self, folder, extra: Optional[dict] = None) -> Path:
         """folder/config.json ({"type": "causal_vae", the config, `extra`}) + folder/model.safetensors (weights
         and the latent mean/std). Each file is written atomically."""
-        from safetensors.torch import save_file
+        from dfm.checkpoint import save_safetensors
 
         from dfm.video import atomic_path
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "model.safetensors") as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+            save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
             tmp.chmod(0o644)
         _write_json(folder / "config.json", {"type": MODEL_TYPE, **dataclasses.asdict(self.config), **(extra or {})})
         return folder

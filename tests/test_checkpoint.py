@@ -75,3 +75,14 @@ def test_incomplete_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     (good / "model.safetensors").write_bytes(os.urandom(64))
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(good)
+
+
+def test_weight_files_get_the_usual_mode(tmp_path):
+    import stat
+
+    from dfm.checkpoint import save_safetensors
+
+    save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o666 & ~mask  # not save_file's 0600

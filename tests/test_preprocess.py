@@ -170,14 +170,14 @@ def test_interrupted_run_leaves_complete_shards_and_resumes(tmp_path):
 
 
 def test_a_write_that_fails_midway_leaves_no_shard(tmp_path, monkeypatch):
-    import safetensors.torch
+    import dfm.checkpoint
 
     def disk_full(tensors, filename, metadata=None):
         with open(filename, "wb") as handle:
             handle.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # the start of a header, then the disk is full
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    monkeypatch.setattr(dfm.checkpoint, "_save_file", disk_full)  # under dfm.checkpoint.save_safetensors
     with pytest.raises(OSError, match="No space"):
         run(digits(6), tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["preprocess.json"]

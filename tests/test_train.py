@@ -129,12 +129,12 @@ T.Trainer.train_step = train_step
 
 KILL_IN_CHECKPOINT = """
 import os, signal, dfm.checkpoint as C
-_save = C.save_file
-def save_file(tensors, path, *a, **k):
+_save = C.save_safetensors
+def save_safetensors(tensors, path, *a, **k):
     _save(tensors, path, *a, **k)
     if "step_{step:08d}.tmp" in str(path) and str(path).endswith("model.safetensors"):
         os.kill(os.getpid(), signal.SIGKILL)   # half a checkpoint on disk
-C.save_file = save_file
+C.save_safetensors = save_safetensors
 """
 
 

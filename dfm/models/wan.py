@@ -485,7 +485,7 @@ def load_pretrained(cls, path, config=None, dtype=torch.float32, device="cpu"):
 
 
 def save_pretrained(model: WanModel, path, max_shard_bytes: int | None = None) -> None:
-    from safetensors.torch import save_file
+    from dfm.checkpoint import save_safetensors
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -503,12 +503,12 @@ def save_pretrained(model: WanModel, path, max_shard_bytes: int | None = None) -
         if stale.exists():
             os.remove(stale)
     if len(shards) == 1:
-        save_file({k: sd[k].contiguous().clone() for k in shards[0]}, str(path / WEIGHTS_NAME))
+        save_safetensors({k: sd[k].contiguous().clone() for k in shards[0]}, str(path / WEIGHTS_NAME))
         return
     weight_map = {}
     for i, keys in enumerate(shards):
         name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: sd[k].contiguous().clone() for k in keys}, str(path / name))
+        save_safetensors({k: sd[k].contiguous().clone() for k in keys}, str(path / name))
         weight_map.update((k, name) for k in keys)
     total = sum(v.numel() * v.element_size() for v in sd.values())
     (path / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
