@@ -63,6 +63,10 @@ class VAERunConfig:
     batch_size: int = 16
     output_dir: str = "runs/vae"
     save_to: Optional[str] = None  # the final model folder; default OUTPUT/model
+    init_from: Optional[str] = None  # a VAE folder whose weights (and latent mean/std) start a fresh run
+    # false: fine-tune the decoder only. The encoder, hence the latents, their mean/std and every diffusion model
+    # trained on them, stay exactly as they are; only the pictures decoded from latents get sharper.
+    train_encoder: bool = True
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 200  # 0: only at the end
@@ -182,7 +186,18 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
 
     torch.manual_seed(derive_seed(t.seed, 0xAE))
     vae = CausalVAE(cfg.model)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+    if t.init_from and not ckpt:
+        start_from = load_vae(t.init_from)
+        if not isinstance(start_from, CausalVAE) or start_from.config != vae.config:
+            raise VAEError(f"train.init_from={t.init_from} is not a causal VAE with this config's model section; "
+                           f"copy the model section from its config.json")
+        vae.load_state_dict(start_from.state_dict())
+    if not t.train_encoder:
+        if not t.init_from:
+            raise VAEError("train.train_encoder=false fine-tunes a trained decoder: set train.init_from to a VAE folder")
+        vae.encoder.requires_grad_(False)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     if ckpt:
         from dfm.checkpoint import CheckpointError
@@ -223,7 +238,7 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(vae.parameters(), clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
         loss = float(terms["loss"].detach())
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             from dfm.train import TrainingError
@@ -253,9 +268,10 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
     log.close()
 
     vae.eval()
-    stats_set = _digits(cfg.data, "train", max(1, t.stats_clips), t.seed + 1)
-    stats_loader = DataLoader(stats_set, batch_size=t.batch_size, collate_fn=collate_batch_videos)
-    fit_latent_stats(vae, (b for b in stats_loader))
+    if t.train_encoder:  # a frozen encoder keeps the statistics it came with
+        stats_set = _digits(cfg.data, "train", max(1, t.stats_clips), t.seed + 1)
+        stats_loader = DataLoader(stats_set, batch_size=t.batch_size, collate_fn=collate_batch_videos)
+        fit_latent_stats(vae, (b for b in stats_loader))
     target = Path(t.save_to) if t.save_to else out / "model"
     trained_on = {k: v for k, v in to_dict(cfg.data).items() if k in ("num_frames", "size", "num_digits", "colors",
                                                                        "bounce")}

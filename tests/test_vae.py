@@ -319,6 +319,26 @@ def test_train_vae_resumes_exactly_and_writes_the_model(tmp_path):
     assert json.loads((tmp_path / "full" / "eval.json").read_text())["latent_shape"] == [2, 2, 2, 2]
 
 
+def test_decoder_fine_tune_keeps_the_encoder_and_the_latent_space(tmp_path):
+    first = load_config(VAETrainConfig, None, TINY + [f"train.output_dir={tmp_path / 'first'}", "train.max_steps=2"])
+    train_vae(first)
+    before = load_vae(tmp_path / "first" / "model")
+    tune = load_config(VAETrainConfig, None, TINY + [f"train.output_dir={tmp_path / 'tune'}", "train.max_steps=3",
+                                                     f"train.init_from={tmp_path / 'first' / 'model'}",
+                                                     "train.train_encoder=false"])
+    train_vae(tune)
+    after = load_vae(tmp_path / "tune" / "model")
+    video = torch.rand(2, 3, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(after.encode(video), before.encode(video))  # same encoder, same stats: same latents
+        assert not torch.equal(after.decode(after.encode(video)), before.decode(before.encode(video)))
+    for name, tensor in before.state_dict().items():
+        assert torch.equal(after.state_dict()[name], tensor) == (not name.startswith("decoder.")), name
+    with pytest.raises(VAEError, match="set train.init_from"):
+        train_vae(load_config(VAETrainConfig, None, TINY + [f"train.output_dir={tmp_path / 'x'}",
+                                                             "train.train_encoder=false"]))
+
+
 def test_train_vae_config_checks():
     with pytest.raises(ConfigError, match="1 \\+ 2\\*n frames.*data.num_frames=8"):
         train_vae(load_config(VAETrainConfig, None, ["data.num_frames=8"]))
