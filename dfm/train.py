@@ -274,7 +274,7 @@ def build_autoencoder(cfg: TrainConfig) -> nn.Module:
     return vae.requires_grad_(False).eval()
 
 
-def build_text_encoder(cfg: TrainConfig, vocab: list[str]):
+def build_text_encoder(cfg: TrainConfig, vocab: list[str], max_length: Optional[int] = None):
     """The trained SmallTextEncoder (`text.encoder`: small, or a small-encoder folder), or a frozen
     dfm.text.FrozenTextEncoder (a Hugging Face T5 / UMT5 / CLIP folder), which runs outside the trained module."""
     t = cfg.text
@@ -294,7 +294,7 @@ def build_text_encoder(cfg: TrainConfig, vocab: list[str]):
         return enc
     from dfm.text import load_text_encoder
 
-    return load_text_encoder(folder)
+    return load_text_encoder(folder, max_length=max_length)  # None: the model's own (512 for UMT5, 77 for CLIP)
 
 
 class DiffusionModule(nn.Module):
@@ -399,19 +399,38 @@ def build_dataset(cfg: TrainConfig) -> Dataset:
 
 
 def check_latent_dataset(cfg: TrainConfig, dataset, autoencoder) -> None:
-    """A `dfm preprocess` folder must have been made by this config's autoencoder (its latents are decoded by it)
-    and, if it stores text embeddings, by this config's (frozen) text encoder."""
+    """A `dfm preprocess` folder must hold latents of this config's autoencoder (the one that decodes them: the same
+    folder, or one with the same config.json) and of this config's clip size (data.num_frames, data.size)."""
     made_by = dataset.vae or {}
-    if made_by.get("channels", autoencoder.channels) != autoencoder.channels or \
-            made_by.get("spatial_factor", 1) != getattr(autoencoder, "spatial_factor", 1) or \
-            made_by.get("temporal_factor", 1) != getattr(autoencoder, "temporal_factor", 1):
-        raise ConfigError(f"data.root={cfg.data.root} holds latents of the VAE {made_by.get('spec')!r}; set "
-                          f"autoencoder.name={made_by.get('spec')} (now {cfg.autoencoder.name!r})")
+    made_by_spec = made_by.get("spec")
+    same_folder = made_by_spec is not None and \
+        Path(str(made_by_spec)).resolve() == Path(cfg.autoencoder.name).resolve()
+    same_kind = made_by.get("class") == "IdentityVAE" and cfg.autoencoder.name == "identity"
+    config_file = Path(cfg.autoencoder.name) / "config.json"
+    same_config = "config" in made_by and config_file.is_file() and \
+        json.loads(config_file.read_text()) == made_by["config"]
+    unnamed = made_by_spec is None and all(  # made in Python without a spec: only the shape can be compared
+        made_by.get(k, v) == v for k, v in (("channels", autoencoder.channels),
+                                            ("spatial_factor", getattr(autoencoder, "spatial_factor", 1)),
+                                            ("temporal_factor", getattr(autoencoder, "temporal_factor", 1))))
+    if not (same_folder or same_kind or same_config or unnamed):
+        raise ConfigError(f"data.root={cfg.data.root} holds latents of the VAE {made_by_spec!r}; set "
+                          f"autoencoder.name={made_by_spec} (now {cfg.autoencoder.name!r})")
+    d = cfg.data
+    want = tuple(autoencoder.latent_shape(d.num_frames, d.size, d.size))
+    stored = sorted(set(map(tuple, dataset.bucket_keys)))
+    if want not in stored:
+        raise ConfigError(f"data.root={cfg.data.root} holds latents of shape {stored[0]} (C, f, h, w), not {want} "
+                          f"= data.num_frames={d.num_frames}, data.size={d.size}; set those to the clips it encoded")
+
+
+def check_stored_text(cfg: TrainConfig, dataset, frozen_text) -> None:
+    """Stored text embeddings must come from the text encoder the run samples with (same folder, same length)."""
     stored = dataset.text_encoder
     if stored is None or stored.get("type") == "small":  # no embeddings, or a small encoder's: captions are used
         return
-    if cfg.text.encoder == "small" or (stored.get("path") and
-                                       Path(stored["path"]).resolve() != Path(cfg.text.encoder).resolve()):
+    ours = frozen_text.describe() if frozen_text is not None else {}
+    if not ours.get("path") or Path(str(stored.get("path"))).resolve() != Path(ours["path"]).resolve():
         raise ConfigError(f"data.root={cfg.data.root} stores embeddings of the text encoder {stored.get('path')!r}; "
                           f"set text.encoder to that folder (now {cfg.text.encoder!r})")
 
@@ -709,9 +728,12 @@ class Trainer:
         vocab = self.resume.vocab if self.resume else WordTokenizer.from_captions(
             vocabulary_captions(cfg, self.dataset)).vocab
         torch.manual_seed(D.derive_seed(t.seed, 0xC0DE))  # identical initial weights on every rank
-        text = build_text_encoder(cfg, vocab)
+        stored = self.dataset.text_encoder if self.latents else None  # embeddings of a given length on disk
+        text = build_text_encoder(cfg, vocab, stored.get("max_length") if stored else None)
         # a frozen encoder (Hugging Face) runs outside the trained module: not in its weights, not under DDP/FSDP
         self.frozen_text = None if isinstance(text, SmallTextEncoder) else text.to(self.info.device)
+        if self.latents:
+            check_stored_text(cfg, self.dataset, self.frozen_text)
         if self.frozen_text is None:
             text.requires_grad_(cfg.text.trainable)
         net = _arch(cfg.model.arch)[0](backbone_config(cfg, self.autoencoder.channels, text.dim))

@@ -87,3 +87,22 @@ def test_latents_need_the_encoder_they_were_made_with(latents, tmp_path):
     cfg = tiny(tmp_path, "mismatch", data={"dataset": "latents", "root": str(latents)})
     with pytest.raises(ConfigError, match="stores embeddings of the text encoder"):
         Trainer(cfg)
+
+
+def test_latents_must_match_the_clip_size(latents, t5, tmp_path):
+    cfg = tiny(tmp_path, "size", f"text.encoder={t5}", data={"dataset": "latents", "root": str(latents), "size": 16})
+    with pytest.raises(ConfigError, match=r"holds latents of shape \(3, 2, 8, 8\).*data.size=16"):
+        Trainer(cfg)
+
+
+def test_stored_embeddings_keep_their_length(t5, tmp_path):
+    out = tmp_path / "short"
+    data = MovingDigits(num_frames=2, size=8, length=8, seed=0)
+    preprocess(data, IdentityVAE(), load_text_encoder(t5, max_length=8), out, shard_size=8, batch_size=4,
+               verbose=False)
+    cfg = tiny(tmp_path, "short", "train.max_steps=1", f"text.encoder={t5}", "text.dropout=0.9",
+               data={"dataset": "latents", "root": str(out)})
+    trainer = Trainer(cfg)
+    assert trainer.frozen_text.max_length == 8  # the stored rows' length, not the model's 512
+    context, mask, keep = trainer.conditioning(next(iter(trainer.loader())))
+    assert context.shape[1] == 8 and not keep.all()
