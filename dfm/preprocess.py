@@ -220,9 +220,12 @@ def preprocess(dataset, vae, text_encoder, out, *, settings: Optional[dict] = No
     settings = {**(settings or {}), "vae": describe_vae(vae, vae_spec),
                 "text_encoder": text_encoder.describe() if text_encoder is not None else None,
                 "context_length": context_length, "shard_size": int(shard_size), "num_items": n}
-    _check_settings(out, settings)
-    for shape in sorted(set(getattr(dataset, "bucket_keys", []) or [])):  # fail before any work
+    shapes = set(getattr(dataset, "bucket_keys", []) or [])  # (F, H, W) per item; else the first item's
+    if not shapes:
+        shapes = {tuple(dataset[0]["video"].shape[1:])}
+    for shape in sorted(shapes):  # fail before any work, and before preprocess.json records these settings
         vae.latent_shape(*shape)
+    _check_settings(out, settings)
     if hasattr(vae, "to"):
         vae.to(device)
 

@@ -126,7 +126,8 @@ def test_unrepresentable_shape_fails_before_writing(tmp_path):
     data = MovingDigits(num_frames=4, size=16, length=3)  # 4 frames: PoolVAE needs 1 + 2n
     with pytest.raises(UserError, match="1 \\+ 2n"):
         run(data, tmp_path / "out", vae=PoolVAE())
-    assert not list((tmp_path / "out").glob("shard_*"))
+    assert not list((tmp_path / "out").glob("*"))  # no shard, and no preprocess.json that would refuse a fix
+    assert run(MovingDigits(num_frames=5, size=16, length=3), tmp_path / "out", vae=PoolVAE())["samples"] == 3
 
 
 # ---------------------------------------------------------------------------------------------- resuming
