@@ -88,7 +88,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 def _key_text(key: Any) -> Any:
     """YAML 1.1 reads some bare keys as non-strings (`null:` -> None, `yes:`/`on:` -> True, `1:` -> 1); a config
-    key is always a name, so take them back as the words they were written as."""
+    key is always a name, so turn them back into one: None -> "null", True/False -> "true"/"false" (the spelling
+    `yes`/`on` is lost), numbers -> their digits."""
     if key is None:
         return "null"
     if isinstance(key, bool):

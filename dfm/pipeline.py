@@ -28,12 +28,12 @@ its validation videos.
 A dfm model folder:
 
     model_index.json   {"format": "dfm", "arch": "wan" | "dit", "paradigm": "flow" | "edm", "diffusion": {grid,
-                        timestep_scale, sigma_data, sigma_min, sigma_max, rho, ...}, "text": {"null", "mask"},
+                        timestep_scale, sigma_data, sigma_min, sigma_max, rho, ...}, "text": {"null", "mask", "max_length"},
                         "defaults": {num_frames, height, width, fps, steps, sampler, guidance_scale, shift,
                         negative_prompt}, "source": {...}}
     transformer/       WAN: diffusers' layout (WanModel.save_pretrained); DiT: config.json (DiTConfig) and
                        model.safetensors
-    text_encoder/      SmallTextEncoder.save_pretrained
+    text_encoder/      SmallTextEncoder.save_pretrained, or a frozen Hugging Face encoder with its tokenizer
     vae/               the VAE's save_pretrained ("identity": config.json only)
     config.yaml        the training config, for the record
 
@@ -331,7 +331,8 @@ class Pipeline:
             if self.config_yaml:
                 (tmp / "config.yaml").write_text(self.config_yaml)
             index = {"format": "dfm", "version": FORMAT_VERSION, "arch": self.arch, "paradigm": self.paradigm,
-                     "diffusion": self.diffusion, "text": {"null": self.null, "mask": self.use_mask},
+                     "diffusion": self.diffusion, "text": {"null": self.null, "mask": self.use_mask,
+                                                           "max_length": int(self.text.max_length)},
                      "defaults": self.defaults, "source": self.source}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
             if folder.exists():
@@ -517,10 +518,10 @@ def _load_dfm_folder(path: Path, index: dict, device, dtype) -> Pipeline:
         raise PipelineError(f"{path}/model_index.json: unknown paradigm {paradigm!r}; expected flow or edm")
     _need_dir(path / "transformer", again)
     net = _load_transformer(arch, path / "transformer", device, dtype)
-    text = _load_text(path / "text_encoder", again, device=device)
+    t = index.get("text", {})
+    text = _load_text(path / "text_encoder", again, max_length=t.get("max_length"), device=device)
     vae = _load_vae(path / "vae", again)
     _check_fit(path, net, text, vae)
-    t = index.get("text", {})
     module = _diffusion_module(net, text, paradigm, diffusion, t.get("null", "empty"))
     config_yaml = (path / "config.yaml").read_text() if (path / "config.yaml").is_file() else None
     return Pipeline(module.to(device), text, vae.to(device), arch=arch, paradigm=paradigm, diffusion=diffusion,
@@ -597,27 +598,26 @@ def _checkpoint_config(path: Path):
     from dfm.config import load_config
     from dfm.text import SmallTextConfig, SmallTextEncoder, WordTokenizer
     from dfm.train import TrainConfig, build_autoencoder
-    from dfm.vae import load_vae
 
     for name in ("config.yaml", "text.json"):
         if not (path / name).is_file():
             raise PipelineError(f"checkpoint {path} has no {name}; use a checkpoint written by `dfm train`")
     cfg = load_config(TrainConfig, path / "config.yaml")
     meta = _read_json(path / "text.json", "use another checkpoint")
+    vae = build_autoencoder(cfg)  # "identity" or the VAE folder of the config
     if meta.get("type") == "frozen":  # a Hugging Face encoder trained against, not with, the model
         enc = meta.get("encoder") or {}
         if not enc.get("path"):
             raise PipelineError(f"{path}/text.json names no text encoder folder; use another checkpoint")
-        vae = load_vae("identity") if cfg.autoencoder.name == "identity" else build_autoencoder(cfg)
-        return cfg, _load_text(Path(enc["path"]), "restore the folder text.json names", Path(enc["tokenizer"]) if enc.get("tokenizer")
-                               else None), vae
+        tokenizer = Path(enc["tokenizer"]) if enc.get("tokenizer") else None
+        return cfg, _load_text(Path(enc["path"]), "restore the folder text.json names", tokenizer,
+                               max_length=enc.get("max_length")), vae
     try:
         meta.pop("type", None)
         text = SmallTextEncoder(WordTokenizer(meta.pop("vocab")), SmallTextConfig(**meta))
     except (KeyError, TypeError, ValueError) as e:
         raise PipelineError(f"{path}/text.json is not a small text encoder ({_first_line(e)}); use another "
                             f"checkpoint") from None
-    vae = load_vae("identity") if cfg.autoencoder.name == "identity" else build_autoencoder(cfg)
     return cfg, text, vae
 
 
@@ -817,6 +817,8 @@ def cmd_generate(args) -> int:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if args.out and Path(args.out).suffix.lower() not in (".mp4", ".gif"):  # before minutes of sampling
+        raise PipelineError(f"--out {args.out}: use a .mp4 or .gif file name")
     model = Path(args.model)
     if args.model == DEFAULT_MODEL and not model.exists():  # the shipped model, from outside the repository
         model = Path(__file__).resolve().parents[1] / DEFAULT_MODEL

@@ -360,6 +360,11 @@ class HFTextEncoder(FrozenTextEncoder):
         emb = self.model(input_ids=ids, attention_mask=attention).last_hidden_state.float()  # [B, L, D]
         return emb, mask, None  # umt5: `rows` trims to the real tokens and `_batch` zero-pads to max_length (Wan)
 
+    def save_pretrained(self, path) -> None:
+        """The model and its tokenizer in one Hugging Face folder (what `load_text_encoder` reads back)."""
+        self.model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+
     def describe(self) -> dict:
         config = self.model.config
         return {"type": self.kind, "class": type(self.model).__name__, "path": self.source,

@@ -106,6 +106,7 @@ def check_vae_config(cfg: VAETrainConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     for key, value in [("train.checkpoint_every", t.checkpoint_every), ("train.stats_clips", t.stats_clips),
                        ("train.eval_clips", t.eval_clips), ("train.threads", t.threads),
+                       ("train.max_minutes", t.max_minutes), ("train.keep_checkpoints", t.keep_checkpoints),
                        ("loss.kl", cfg.loss.kl), ("optim.grad_clip", cfg.optim.grad_clip)]:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
@@ -368,7 +369,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("eval-vae", help="reconstruction PSNR and compression ratio of a VAE on held-out clips",
                        description="Encode and decode held-out Moving Digits clips (split=test) and report PSNR and "
-                                   "the compression ratio as a table; writes JSON (default FOLDER/eval.json).")
+                                   "the compression ratio as a table; --output writes it as JSON too.")
     p.add_argument("--model", required=True, metavar="FOLDER", help="a VAE folder (save_pretrained or diffusers "
                    "AutoencoderKLWan) or 'identity'")
     p.add_argument("--clips", type=int, default=64, help="held-out clips (default 64)")
@@ -423,8 +424,7 @@ def cmd_eval_vae(args) -> int:
                           colors=trained.get("colors"), bounce=bool(trained.get("bounce", False)),
                           chunk=args.chunk, tile=args.tile, overlap=args.overlap)
     print(format_report(report, args.model))
-    output = args.output or (str(Path(args.model) / "eval.json") if args.model != "identity" else None)
-    if output:
-        _write_json(Path(output), {"model": args.model, **report})
-        print(f"dfm: wrote {output}", file=sys.stderr)
+    if args.output:  # never into the model folder unasked (a shipped folder stays as committed)
+        _write_json(Path(args.output), {"model": args.model, **report})
+        print(f"dfm: wrote {args.output}", file=sys.stderr)
     return 0

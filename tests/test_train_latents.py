@@ -75,6 +75,13 @@ def test_train_on_preprocessed_latents_with_a_frozen_encoder(t5, latents, tmp_pa
     pipe = load_pipeline(Path(cfg.train.output_dir))
     out = pipe.generate("the digit 1 moves up", steps=2, num_frames=2, height=8, width=8, seed=0, progress=False)
     assert out.videos.shape == (1, 3, 2, 8, 8) and torch.isfinite(out.videos).all()
+    # exported with the frozen encoder (model + tokenizer) inside the folder: the same videos
+    from dfm.pipeline import export_checkpoint
+
+    folder = export_checkpoint(Path(cfg.train.output_dir), tmp_path / "exported")
+    again = load_pipeline(folder).generate("the digit 1 moves up", steps=2, num_frames=2, height=8, width=8, seed=0,
+                                           progress=False)
+    assert torch.allclose(again.videos, out.videos, atol=1e-6)
 
 
 def test_frozen_encoder_on_raw_videos_encodes_each_batch(t5, tmp_path):

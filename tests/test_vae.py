@@ -358,7 +358,9 @@ def test_eval_vae_cli(tmp_path, capsys):
     vae = tiny_vae(channels=2)
     vae.save_pretrained(tmp_path / "vae", extra={"trained_on": {"num_frames": 5, "size": 8}})
     assert cli.main(["eval-vae", "--model", str(tmp_path / "vae"), "--clips", "2"]) == 0
-    report = json.loads((tmp_path / "vae" / "eval.json").read_text())
+    assert not (tmp_path / "vae" / "eval.json").exists()  # nothing written into the model folder unasked
+    assert cli.main(["eval-vae", "--model", str(tmp_path / "vae"), "--clips", "2", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
     assert report["latent_shape"] == [2, 3, 2, 2] and report["psnr"] < 30
     capsys.readouterr()
     assert cli.main(["eval-vae", "--model", str(tmp_path / "missing")]) == 2
