@@ -544,8 +544,10 @@ def run_eval(args) -> int:
     def log(msg):
         print(f"dfm eval: {msg}", file=sys.stderr)
 
-    if args.num < 1 or args.batch_size < 1:
-        raise EvalError("--num and --batch-size must be at least 1")
+    if args.num < 1 or args.batch_size < 1 or args.threads < 0:
+        raise EvalError("--num and --batch-size must be at least 1, --threads at least 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.reference:
         pipeline, source = ReferencePipeline(args.frames or 8, args.size or 16), "reference: held-out Moving Digits clips"
         colors = _colors(args.colors)
@@ -609,6 +611,8 @@ def add_commands(sub) -> None:
     p.add_argument("--size", type=int, help="frame height and width (default: the model's; --reference: 16)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per generate call (default 8)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's; 1 is steadiest on a "
+                   "busy machine)")
     p.add_argument("--json", metavar="PATH", help="write the results (settings, scores, per-video readings) as JSON")
     p.add_argument("--sheet", metavar="PNG", help="contact sheet of the (first setting's) videos with their readings")
     p.set_defaults(func=run_eval)

@@ -815,6 +815,10 @@ def _slug(text: str, limit: int = 40) -> str:
 def cmd_generate(args) -> int:
     from dfm.video import write_contact_sheet, write_video
 
+    if args.threads < 0:
+        raise PipelineError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if args.out and Path(args.out).suffix.lower() not in (".mp4", ".gif"):  # before minutes of sampling
@@ -884,6 +888,8 @@ def add_commands(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="frame width in pixels")
     p.add_argument("--out", default=None, help="output .mp4 or .gif (default outputs/<prompt>_s<seed>.mp4)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's; 1 is steadiest on a "
+                   "busy machine)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="transformer precision (bf16 on GPUs; the CPU is fastest in fp32)")
     p.add_argument("--scale", type=int, default=0, help="write the video and contact sheet N times larger "

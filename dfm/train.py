@@ -41,6 +41,7 @@ from dfm import distributed as D
 from dfm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from dfm.config import ConfigError, to_dict
 from dfm.errors import UserError
+from dfm.video import write_text_atomic
 from dfm.diffusion.edm import EDMPrecond, edm_loss
 from dfm.diffusion.flow import TimestepSampler, flow_loss
 from dfm.diffusion.paths import append_dims, sigma_to_flow_t
@@ -616,7 +617,7 @@ class Logger:
             return
         if resume_step is not None and self.path.is_file():  # drop records past the checkpoint: they are redone
             keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and _record_step(ln) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if tensorboard:
@@ -718,7 +719,7 @@ class Trainer:
         self.start_step = self.resume.step if self.resume else 0
         self.log = Logger(self.out, self.info.is_main, t.tensorboard, self.start_step if self.resume else None)
         if self.info.is_main:
-            (self.out / "config.yaml").write_text(config_yaml(cfg))
+            write_text_atomic(self.out / "config.yaml", config_yaml(cfg))
 
         self.dataset = build_dataset(cfg)
         self.latents = cfg.data.dataset == "latents"  # items hold VAE latents (and maybe text embeddings)

@@ -273,6 +273,13 @@ def atomic_path(path: PathLike):
         raise
 
 
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """Write a text file all at once (temp file, then rename): a crash leaves the old file or the new, never half."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
 def _write_mp4(path: Path, frames: np.ndarray, fps: float, crf: int) -> None:
     import av
     from fractions import Fraction
