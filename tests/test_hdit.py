@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_dit import batch as dit_batch, randomize  # the tests folder is on sys.path
+
 from dfm.errors import UserError
 from dfm.models import DIT_CONFIGS, DiT, DiTConfig, HourglassDiT
 from dfm.models.layers import (
@@ -20,7 +22,7 @@ from dfm.models.layers import (
     window_attention,
 )
 
-CTX = 10
+CTX = 10  # as in test_dit, whose helpers these tests share
 
 
 def hg(**kw) -> DiTConfig:
@@ -30,21 +32,9 @@ def hg(**kw) -> DiTConfig:
     return DiTConfig(**{**base, **kw})
 
 
-def randomize(net, seed=0):
-    """Perturb every parameter (including the zero-initialised ones) so outputs depend on everything."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return net
-
-
 def batch(B=2, F=4, H=8, W=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, 3, F, H, W, generator=g)
-    context = torch.randn(B, 5, CTX, generator=g)
-    mask = torch.tensor([[True, True, False, False, False]] + [[True] * 5] * (B - 1))
-    return x, torch.randn(B, generator=g), context, mask
+    """test_dit's batch (x, c_noise, context, mask), 8x8 frames by default: two 2x2 merges fit."""
+    return dit_batch(B, F, H, W, seed)
 
 
 # ------------------------------------------------------------------------------------------------- shapes
