@@ -232,6 +232,22 @@ def flops(run) -> int:
     return counter.get_total_flops()
 
 
+def time_alternating(runs: dict, repeats: int, device, before_each) -> tuple[dict, dict]:
+    """Wall and process-CPU seconds of each run over `repeats` rounds, alternating who goes first each round (so
+    load from other processes hits all alike); `before_each(name)` runs untimed before each call."""
+    wall, cpu = {k: [] for k in runs}, {k: [] for k in runs}
+    for i in range(repeats):
+        for k in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+            before_each(k)
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            runs[k]()
+            sync(device)
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return wall, cpu
+
+
 def bench_case(case: Case, device, dtype, repeats: int, rows: list, use_cpu_time: bool):
     ref, ours = make_models(case, device, dtype)
     inputs = make_inputs(case, device, dtype)
@@ -250,17 +266,8 @@ def bench_case(case: Case, device, dtype, repeats: int, rows: list, use_cpu_time
             mem = {k: peak_bytes(r, device) for k, r in runs.items()}
             for r in runs.values():  # warm-up
                 r()
-            wall, cpu = {k: [] for k in runs}, {k: [] for k in runs}
-            for i in range(repeats):
-                for k in (list(runs) if i % 2 == 0 else list(runs)[::-1]):  # alternate who goes first
-                    ref.zero_grad(set_to_none=True)
-                    ours.zero_grad(set_to_none=True)
-                    sync(device)
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    runs[k]()
-                    sync(device)
-                    wall[k].append(time.perf_counter() - t0)
-                    cpu[k].append(time.process_time() - c0)
+            wall, cpu = time_alternating(runs, repeats, device, lambda k: (ref.zero_grad(set_to_none=True),
+                                                                           ours.zero_grad(set_to_none=True)))
         for k in runs:
             results[k] = (statistics.median(wall[k]), statistics.median(cpu[k]), min(cpu[k]))
             gflops = n_flops / results[k][1 if use_cpu_time else 0] / 1e9
@@ -318,16 +325,7 @@ def bench_hdit(size: str, tokens: list[int], device, dtype, repeats: int, use_cp
         for name, run in runs.items():
             stats[name] = {"flops": flops(run), "mem": peak_bytes(run, device)}
             run()  # warm-up
-        wall, cpu = {k: [] for k in runs}, {k: [] for k in runs}
-        for i in range(repeats):
-            for k in (list(runs) if i % 2 == 0 else list(runs)[::-1]):  # alternate who goes first
-                nets[k].zero_grad(set_to_none=True)
-                sync(device)
-                t0, c0 = time.perf_counter(), time.process_time()
-                runs[k]()
-                sync(device)
-                wall[k].append(time.perf_counter() - t0)
-                cpu[k].append(time.process_time() - c0)
+        wall, cpu = time_alternating(runs, repeats, device, lambda k: nets[k].zero_grad(set_to_none=True))
         for k, net in nets.items():
             params = sum(p.numel() for p in net.parameters())
             rows.append((n, k, params, stats[k]["flops"] / 1e9, 1e3 * statistics.median(wall[k]),
