@@ -43,10 +43,10 @@ class CheckpointError(UserError, RuntimeError):
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, then the file mode a written file normally gets (save_file leaves it 0600, private)."""
+    from dfm.video import written_file_mode
+
     _save_file(tensors, str(path), metadata=metadata)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, written_file_mode())
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -384,7 +384,6 @@ class CausalVAE(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "model.safetensors") as tmp:
             save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
-            tmp.chmod(0o644)
         _write_json(folder / "config.json", {"type": MODEL_TYPE, **dataclasses.asdict(self.config), **(extra or {})})
         return folder
 
@@ -593,7 +592,6 @@ def _write_json(path: Path, data: dict) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.chmod(0o644)  # mkstemp's 0600 would keep the file from other users
 
 
 def load_vae(path_or_name) -> nn.Module:

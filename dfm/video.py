@@ -250,10 +250,11 @@ def read_video(
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _umask() -> int:
+def written_file_mode() -> int:
+    """The mode a newly written file normally gets (0o666 less the umask), for files that tools create private."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -263,7 +264,7 @@ def atomic_path(path: PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600); a written file gets the usual mode
+    os.chmod(tmp, written_file_mode())  # mkstemp makes the file private (0600)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
