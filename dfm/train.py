@@ -70,7 +70,9 @@ class DiffusionConfig:
     shift: float = 1.0
     weighting: Literal["none", "sigma_sqrt", "cosmap", "linear"] = "none"
     timestep_scale: float = 1000.0  # the backbone sees s * timestep_scale (Wan: 0..1000)
-    # EDM (dfm.diffusion.edm, Karras et al. 2022 Table 1): ln(sigma) ~ N(P_mean, P_std^2)
+    # EDM (dfm.diffusion.edm, Karras et al. 2022 Table 1): ln(sigma) ~ N(P_mean, P_std^2). The defaults are the
+    # paper's for pixels (sigma_data 0.5); for unit-variance latents (sigma_data 1) EDM2's (-0.4, 1.0) at sigma_data
+    # 0.5 becomes (0.3, 1.0): see configs/dit_edm_latent_digits.yaml
     P_mean: float = -1.2
     P_std: float = 1.2
     sigma_data: float = 0.5

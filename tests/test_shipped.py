@@ -1,0 +1,30 @@
+"""The models shipped in models/ still generate what their prompts ask for with the current code: a regression
+test of the weights, the loaders and the samplers together (dfm eval's scorer on the first 20 of its seeded
+prompts, at each model's own defaults). The README's figures come from the full 40-prompt `dfm eval`."""
+
+from pathlib import Path
+
+import pytest
+
+from dfm.evaluate import evaluate
+from dfm.pipeline import describe, load_pipeline
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+@pytest.mark.parametrize("name", ["wan_flow_digits", "dit_edm_digits"])
+def test_shipped_model_scores(name):
+    pipe = load_pipeline(MODELS / name)
+    result = evaluate(pipe, num_videos=20, batch_size=20)
+    assert result["nfe"] <= (20 if name.startswith("wan") else 35)  # the issue's NFE budgets
+    # measured on these 20 (2026-12-01): WAN 1.00 / 1.00 / 0.962, DiT 0.95 / 1.00 / 0.960. One misread video costs
+    # 0.05; the floors allow two more (other CPUs round differently) and sit 0.02 below on consistency
+    assert result["digit_accuracy"] >= 0.85, result["digit_accuracy"]
+    assert result["direction_accuracy"] >= 0.9, result["direction_accuracy"]
+    assert result["temporal_consistency"] >= 0.94, result["temporal_consistency"]
+
+
+def test_shipped_models_describe_themselves():
+    wan, dit = describe(MODELS / "wan_flow_digits"), describe(MODELS / "dit_edm_digits")
+    assert "wan" in wan.lower() and "flow" in wan.lower()
+    assert "dit" in dit.lower() and "edm" in dit.lower()
