@@ -18,7 +18,8 @@ from dfm import distributed as D
 from dfm.config import load_config
 from dfm.errors import UserError
 from dfm.diffusion.sampling import SamplingError, resolve_sampler, sampler_names, sampling_grid
-from dfm.pipeline import Generation, PipelineError, _text_module, export_checkpoint, load_pipeline
+from dfm.pipeline import Generation, PipelineError, export_checkpoint, load_pipeline
+from dfm.pipeline.folders import _text_module
 from dfm.train import TrainConfig, Trainer, train
 
 PROMPTS = ["the digit 1 moves up", "the digit 2 moves down", "the digit 3 moves to the left"]

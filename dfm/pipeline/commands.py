@@ -1,0 +1,128 @@
+"""`dfm generate`, `dfm info` and `dfm export` (registered by dfm.cli through `add_commands`)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from dfm.pipeline.folders import describe, export_checkpoint, load_pipeline
+from dfm.pipeline.generation import DEFAULT_MODEL, PipelineError
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "video"
+
+
+def cmd_generate(args) -> int:
+    from dfm.video import write_contact_sheet, write_video
+
+    if args.threads < 0:
+        raise PipelineError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if args.out and Path(args.out).suffix.lower() not in (".mp4", ".gif"):  # before minutes of sampling
+        raise PipelineError(f"--out {args.out}: use a .mp4 or .gif file name")
+    model = Path(args.model)
+    if args.model == DEFAULT_MODEL and not model.exists():  # the shipped model, from outside the repository
+        model = Path(__file__).resolve().parents[2] / DEFAULT_MODEL
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    out = pipe.generate(args.prompt, negative_prompt=args.negative, num_frames=args.frames, height=args.height,
+                        width=args.width, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
+                        shift=args.shift, seed=args.seed, progress=not args.no_progress)
+    path = Path(args.out) if args.out else Path("outputs") / f"{_slug(out.prompts[0])}_s{out.seeds[0]}.mp4"
+    if path.suffix.lower() not in (".mp4", ".gif"):
+        raise PipelineError(f"--out {path}: use a .mp4 or .gif file name")
+    videos = out.videos  # [B, 3, F, H, W]
+    scale = args.scale if args.scale > 0 else max(1, 128 // min(videos.shape[-2:]))  # auto: tiny videos to >= 128 px
+    if scale > 1:  # for viewing only: whole pixels, no smoothing
+        videos = videos.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    written = []
+    for i, video in enumerate(videos):
+        target = path if len(out.videos) == 1 else path.with_name(f"{path.stem}_{i:02d}{path.suffix}")
+        written.append(write_video(target, video, fps=out.fps, pad_odd=True))
+    sheet = write_contact_sheet(path.with_suffix(".png"), videos, labels=out.prompts)
+    for p in written:
+        print(p)
+    print(sheet)
+    s = out.settings
+    print(f"dfm generate: {len(written)} video(s) of {s['num_frames']} frames at {s['height']}x{s['width']}, "
+          f"{s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']:g}, seeds {out.seeds}; "
+          f"NFE {out.nfe}, {out.seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    print(describe(args.path))
+    return 0
+
+
+def cmd_export(args) -> int:
+    out = export_checkpoint(args.checkpoint, args.out, ema=not args.no_ema, overwrite=args.force,
+                            num_frames=args.frames, height=args.height, width=args.width, fps=args.fps,
+                            steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, shift=args.shift)
+    print(out)
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("generate", help="generate videos from text prompts",
+                       description="Generate a video from a text prompt with a dfm model folder, a diffusers Wan 2.1 "
+                                   "folder or a trainer checkpoint. Writes the video (.mp4 or .gif) and a PNG "
+                                   "contact sheet beside it; prints their paths, the NFE and the seconds taken. "
+                                   "Unset options take the model's defaults (dfm info MODEL).")
+    p.add_argument("prompt", nargs="+", help="the text prompt (several: one video each)")
+    p.add_argument("--negative", default=None, help="negative prompt (default: the model's; Wan: its recommended "
+                   "one, dfm models: the null conditioning)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or checkpoint (default {DEFAULT_MODEL})")
+    p.add_argument("--sampler", default=None, help="SPACE:METHOD such as flow:unipc, flow:euler, edm:heun, "
+                   "edm:dpmpp_2m (a bare method looks in the model's own space first)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow grid shift (flow models; a Wan folder defaults to its scheduler's flow_shift, else "
+                        "5.0; diffusers' Wan example: 5.0 at 720p, 3.0 at 480p)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first video (random if unset; printed)")
+    p.add_argument("--frames", type=int, default=None, help="number of frames")
+    p.add_argument("--height", type=int, default=None, help="frame height in pixels")
+    p.add_argument("--width", type=int, default=None, help="frame width in pixels")
+    p.add_argument("--out", default=None, help="output .mp4 or .gif (default outputs/<prompt>_s<seed>.mp4)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's; 1 is steadiest on a "
+                   "busy machine)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="transformer precision (bf16 on GPUs; the CPU is fastest in fp32)")
+    p.add_argument("--scale", type=int, default=0, help="write the video and contact sheet N times larger "
+                   "(nearest neighbour, for viewing; default 0 = auto: small videos up to at least 128 px)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="describe a model folder or a trainer checkpoint",
+                       description="Print what a dfm model folder, a diffusers Wan 2.1 folder or a trainer "
+                                   "checkpoint holds: arch, paradigm, parameters per part, latent and text sizes, "
+                                   "sampling defaults.")
+    p.add_argument("path", help="model folder, checkpoint (step_* folder) or run directory")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export", help="turn a trainer checkpoint into a model folder",
+                       description="Write a dfm model folder (model_index.json, transformer/, text_encoder/, vae/, "
+                                   "config.yaml) from a trainer checkpoint, with the EMA weights unless --no-ema. "
+                                   "Sampling defaults come from the training config unless set here.")
+    p.add_argument("checkpoint", help="a step_* folder, its checkpoints/ folder or the run directory (latest)")
+    p.add_argument("out", help="the model folder to write")
+    p.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--sampler", default=None, help="default sampler (SPACE:METHOD)")
+    p.add_argument("--steps", type=int, default=None, help="default steps (training: train.val_steps)")
+    p.add_argument("--guidance", type=float, default=None, help="default guidance (training: train.val_guidance)")
+    p.add_argument("--shift", type=float, default=None, help="default flow shift (training: train.val_shift)")
+    p.add_argument("--frames", type=int, default=None, help="default frames (training: data.num_frames)")
+    p.add_argument("--height", type=int, default=None, help="default height (training: data.size)")
+    p.add_argument("--width", type=int, default=None, help="default width (training: data.size)")
+    p.add_argument("--fps", type=float, default=None, help="default fps (training: data.fps or train.val_fps)")
+    p.set_defaults(func=cmd_export)
+
