@@ -117,6 +117,19 @@ def test_resume_continues_with_identical_losses(reference, tmp_path):
         assert torch.equal(resumed[k], v), k
 
 
+
+def test_resume_names_the_settings_that_differ_from_the_checkpoint(tmp_path, capsys):
+    train(tiny(tmp_path, "run", "train.max_steps=2"))
+    capsys.readouterr()
+    train(tiny(tmp_path, "run", "train.max_steps=3", "optim.lr=0.002"), resume="latest")
+    err = capsys.readouterr().err
+    notice = [line for line in err.splitlines() if "differ from its config.yaml" in line]
+    assert len(notice) == 1, err
+    assert "optim.lr 0.001 -> 0.002" in notice[0] and "train.max_steps 2 -> 3" in notice[0]
+    assert "train.output_dir" not in notice[0]  # only what changed
+    train(tiny(tmp_path, "run", "train.max_steps=3", "optim.lr=0.002"), resume="latest")  # nothing left to do
+    assert "differ from its config.yaml" not in capsys.readouterr().err
+
 KILL_AT_STEP = """
 import os, signal, dfm.train as T
 _step = T.Trainer.train_step
