@@ -699,30 +699,37 @@ def find_resume(cfg: TrainConfig, resume: str | None, log) -> Resume | None:
                               f"earlier step_* folder or start afresh") from None
     changed = config_changes(path / "config.yaml", cfg)
     if changed:  # often meant (max_steps, lr), sometimes not (a recipe file passed with --config): say which
-        log(f"resuming from {path} with settings that differ from its config.yaml: {', '.join(changed)}")
+        log(f"resuming from {path} with settings that differ from its config.yaml: {', '.join(changed)} (the new "
+            f"values are used; `dfm train --resume RUN` without --config keeps the run's)")
     return Resume(int(ckpt["step"]), path, ckpt, vocab, dict(ckpt.get("state") or {}))
 
 
 def config_changes(saved: Path, cfg: TrainConfig) -> list[str]:
     """'key old -> new' for each setting of `cfg` that differs from the config.yaml a checkpoint was written with
-    ([] if that file is missing or unreadable)."""
+    ([] if that file is missing, unreadable or not a mapping). A key on one side only shows as (absent)."""
     import yaml
 
     try:
         old = yaml.safe_load(saved.read_text())
     except (OSError, yaml.YAMLError):
         return []
+    if not isinstance(old, dict) or not old:
+        return []
 
     def flat(d, prefix=""):
         out = {}
-        for k, v in (d or {}).items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
         return out
 
     # through YAML, so tuples and lists (and other spellings of one value) compare equal
     before, after = flat(old), flat(yaml.safe_load(config_yaml(cfg)))
-    return [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
-            if before.get(k) != after.get(k)]
+
+    def show(d, k):
+        return repr(d[k]) if k in d else "(absent)"
+
+    return [f"{k} {show(before, k)} -> {show(after, k)}" for k in sorted(set(before) | set(after))
+            if k not in before or k not in after or before[k] != after[k]]
 
 
 def autocast(device: torch.device, precision: str):

@@ -24,6 +24,8 @@ from dfm.train import (
     TrainConfig,
     backbone_config,
     build_text_encoder,
+    config_changes,
+    config_yaml,
     keep_captions,
     lr_at,
     train,
@@ -117,7 +119,6 @@ def test_resume_continues_with_identical_losses(reference, tmp_path):
         assert torch.equal(resumed[k], v), k
 
 
-
 def test_resume_names_the_settings_that_differ_from_the_checkpoint(tmp_path, capsys):
     train(tiny(tmp_path, "run", "train.max_steps=2"))
     capsys.readouterr()
@@ -125,10 +126,27 @@ def test_resume_names_the_settings_that_differ_from_the_checkpoint(tmp_path, cap
     err = capsys.readouterr().err
     notice = [line for line in err.splitlines() if "differ from its config.yaml" in line]
     assert len(notice) == 1, err
-    assert "optim.lr 0.001 -> 0.002" in notice[0] and "train.max_steps 2 -> 3" in notice[0]
-    assert "train.output_dir" not in notice[0]  # only what changed
+    listed = notice[0].split("config.yaml: ", 1)[1].split(" (the new values", 1)[0]
+    assert listed == "optim.lr 0.001 -> 0.002, train.max_steps 2 -> 3"  # only what changed
     train(tiny(tmp_path, "run", "train.max_steps=3", "optim.lr=0.002"), resume="latest")  # nothing left to do
     assert "differ from its config.yaml" not in capsys.readouterr().err
+
+
+def test_config_changes_edge_cases(tmp_path):
+    cfg = tiny(tmp_path, "run")
+    saved = tmp_path / "config.yaml"
+    assert config_changes(saved, cfg) == []  # missing
+    for text in ("", "[1, 2]\n", "a: [unclosed\n"):  # empty, not a mapping, not YAML: nothing to compare
+        saved.write_text(text)
+        assert config_changes(saved, cfg) == []
+    saved.write_text(config_yaml(cfg))
+    assert config_changes(saved, cfg) == []
+    data = yaml.safe_load(saved.read_text())
+    del data["optim"]["lr"]
+    data["train"]["retired_key"] = 1
+    saved.write_text(yaml.safe_dump(data))
+    assert config_changes(saved, cfg) == ["optim.lr (absent) -> 0.001", "train.retired_key 1 -> (absent)"]
+
 
 KILL_AT_STEP = """
 import os, signal, dfm.train as T

@@ -52,7 +52,7 @@ The package: `generation.py` (Pipeline.generate and its result), `folders.py` (l
 folders and trainer checkpoints; export; info) and `commands.py` (`dfm generate / info / export`).
 """
 
-from dfm.pipeline.generation import (  # noqa: F401
+from dfm.pipeline.generation import (
     DEFAULT_KEYS,
     DEFAULT_MODEL,
     FORMAT_VERSION,
@@ -64,7 +64,8 @@ from dfm.pipeline.generation import (  # noqa: F401
     PipelineError,
     count_tokens,
 )
-from dfm.pipeline.folders import (  # noqa: F401
+from dfm.pipeline.folders import (
+    WAN_SCHEDULERS,
     IntegerTimesteps,
     describe,
     export_checkpoint,
@@ -72,4 +73,10 @@ from dfm.pipeline.folders import (  # noqa: F401
     pipeline_from_checkpoint,
     wan_scheduler_settings,
 )
-from dfm.pipeline.commands import add_commands  # noqa: F401  (dfm.cli registers generate / info / export)
+from dfm.pipeline.commands import add_commands  # dfm.cli registers generate / info / export through it
+
+__all__ = [
+    "DEFAULT_KEYS", "DEFAULT_MODEL", "FORMAT_VERSION", "WAN_DEFAULTS", "WAN_NEGATIVE_PROMPT", "WAN_SCHEDULERS",
+    "WAN_TEXT_LENGTH", "Generation", "IntegerTimesteps", "Pipeline", "PipelineError", "add_commands", "count_tokens",
+    "describe", "export_checkpoint", "load_pipeline", "pipeline_from_checkpoint", "wan_scheduler_settings",
+]

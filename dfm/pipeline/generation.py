@@ -202,7 +202,7 @@ class Pipeline:
     def generate(self, prompts: str | list[str], negative_prompt=None, num_frames=None, height=None, width=None,
                  steps=None, sampler=None, guidance_scale=None, shift=None, seed=None, seeds=None, progress=True,
                  callback=None, sampler_options: dict | None = None) -> Generation:
-        """Videos for `prompts` (None arguments take `self.defaults`); see the module docstring.
+        """Videos for `prompts` (None arguments take `self.defaults`); the steps are listed in dfm/pipeline/__init__.py.
 
         seeds: one per prompt (a single prompt with several seeds gives several videos); default seed, seed + 1, ...
         from `seed` (random if None; the seeds used are in the result). negative_prompt: str, one per prompt, or
@@ -263,7 +263,8 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------ saving
 
     def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
-        """Write a dfm model folder (see the module docstring), atomically: built beside `folder`, then renamed."""
+        """Write a dfm model folder (its layout: dfm/pipeline/__init__.py) atomically: built beside `folder`, then
+        renamed."""
         from dfm.pipeline.folders import _save_transformer, _text_module
 
         folder = Path(folder)
