@@ -158,6 +158,25 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint a path names: a step_* folder itself, else the latest under PATH/checkpoints (a run
+    directory) or under PATH (a checkpoints folder); None if there is none."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    return None
+
+
+def run_config(path: str | Path) -> Path | None:
+    """The config.yaml of a checkpoint or run directory (PATH/config.yaml, else the one beside PATH), if any."""
+    path = Path(path)
+    return next((c for c in (path / "config.yaml", path.parent / "config.yaml") if c.is_file()), None)
+
+
 def load_checkpoint(path: str | Path, restore_rng_state: bool = False) -> dict:
     """Read a checkpoint folder: {'step', 'model', 'ema', 'optimizer', 'state', 'path'}; optionally restore the RNGs."""
     path = Path(path)

@@ -15,7 +15,6 @@ import importlib
 import importlib.util
 import os
 import sys
-from pathlib import Path
 
 from dfm.errors import UserError
 
@@ -52,24 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resume_config(resume: str) -> Path | None:
-    """config.yaml of the checkpoint or run that `resume` names, if any."""
-    path = Path(resume)
-    for candidate in (path / "config.yaml", path.parent / "config.yaml"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def cmd_train(args) -> int:
+    from dfm.checkpoint import run_config
     from dfm.config import load_config
     from dfm.train import TrainConfig, check_config, config_yaml, train
 
     config_path = args.config
     if config_path is None:
-        if args.resume is None or args.resume == "latest" or _resume_config(args.resume) is None:
+        config_path = run_config(args.resume) if args.resume not in (None, "latest") else None
+        if config_path is None:
             raise _UsageError("dfm train needs --config YAML (or --resume PATH to a checkpoint with its config.yaml)")
-        config_path = _resume_config(args.resume)
     cfg = load_config(TrainConfig, config_path, args.overrides)
     if args.dry_run:
         check_config(cfg)

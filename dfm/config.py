@@ -173,7 +173,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     return from_dict(cls, data)
 
 
+def config_yaml(cfg) -> str:
+    """The resolved config as YAML text, sections in field order (what config.yaml files and --dry-run hold)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg, path: str | Path) -> None:
     from dfm.video import write_text_atomic
 
-    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, config_yaml(cfg))

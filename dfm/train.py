@@ -38,8 +38,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dfm import distributed as D
-from dfm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from dfm.config import ConfigError, to_dict
+from dfm.checkpoint import CheckpointError, find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from dfm.config import ConfigError, config_yaml
 from dfm.errors import UserError
 from dfm.video import write_text_atomic
 from dfm.diffusion.edm import EDMPrecond, edm_loss
@@ -176,12 +176,6 @@ class TrainConfig:
 
 class TrainingError(UserError, RuntimeError):
     """Training cannot go on (a non-finite loss, ...); the message is one line that names the fix."""
-
-
-def config_yaml(cfg: TrainConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
@@ -685,11 +679,7 @@ def find_resume(cfg: TrainConfig, resume: str | None, log) -> Resume | None:
             log(f"--resume: no checkpoint under {cfg.train.output_dir}/checkpoints; starting from step 0")
             return None
     else:
-        path = Path(resume)
-        if path.is_dir() and not (path / "state.json").exists() and list_checkpoints(path / "checkpoints"):
-            path = latest_checkpoint(path / "checkpoints")  # an output directory
-        elif path.is_dir() and not (path / "state.json").exists() and list_checkpoints(path):
-            path = latest_checkpoint(path)  # a checkpoints folder
+        path = find_checkpoint(resume) or Path(resume)  # none there: load_checkpoint says what is missing
     ckpt = load_checkpoint(path)
     try:
         meta = json.loads((path / "text.json").read_text())

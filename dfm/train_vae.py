@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
@@ -143,17 +142,13 @@ def _digits(cfg_data: VAEDataConfig, split: str, length: int, seed: int):
 
 
 def _resolve_resume(out: Path, resume: Optional[str]) -> Optional[Path]:
-    from dfm.checkpoint import latest_checkpoint, list_checkpoints
+    from dfm.checkpoint import find_checkpoint, latest_checkpoint
 
     if resume is None:
         return None
     if resume == "latest":
         return latest_checkpoint(out / "checkpoints")
-    path = Path(resume)
-    for candidate in (path / "checkpoints", path):
-        if not (path / "state.json").is_file() and list_checkpoints(candidate):
-            return latest_checkpoint(candidate)
-    return path
+    return find_checkpoint(resume) or Path(resume)  # none there: load_checkpoint says what is missing
 
 
 def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
@@ -167,7 +162,7 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
     from torch.utils.data import DataLoader
 
     from dfm.checkpoint import load_checkpoint, save_checkpoint
-    from dfm.config import save_config, to_dict
+    from dfm.config import config_yaml, save_config, to_dict
     from dfm.distributed import derive_seed
     from dfm.train import GlobalOrder, Logger, StepBatches, collate_batch, lr_at
 
@@ -223,7 +218,7 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
     def checkpoint(step: int) -> Path:
         state = {"step": step, "batch_size": t.batch_size, "seed": t.seed}
         return save_checkpoint(out / "checkpoints", step, vae.state_dict(), optimizer=optimizer.state_dict(),
-                               state=state, extra_files={"config.yaml": _yaml(to_dict(cfg))},
+                               state=state, extra_files={"config.yaml": config_yaml(cfg)},
                                keep=t.keep_checkpoints)
 
     step, last, window, t0, began = start, {}, [], time.perf_counter(), time.perf_counter()
@@ -290,12 +285,6 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
 
 def collate_batch_videos(items: list[dict]) -> torch.Tensor:
     return torch.stack([it["video"] for it in items])
-
-
-def _yaml(data: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -389,17 +378,18 @@ def add_commands(sub) -> None:
 def cmd_train_vae(args) -> int:
     from dfm.config import load_config
 
+    from dfm.checkpoint import run_config
+    from dfm.config import config_yaml
+
     config = args.config
     if config is None:
-        resumed = Path(args.resume) if args.resume not in (None, "latest") else None
-        candidates = [resumed / "config.yaml", resumed.parent / "config.yaml"] if resumed else []
-        config = next((c for c in candidates if c.is_file()), None)
+        config = run_config(args.resume) if args.resume not in (None, "latest") else None
         if config is None:
             raise VAEError("dfm train-vae needs --config YAML (or --resume PATH to a run with its config.yaml)")
     cfg = load_config(VAETrainConfig, config, args.overrides)
     if args.dry_run:
         check_vae_config(cfg)
-        sys.stdout.write(_yaml(dataclasses.asdict(cfg)))
+        sys.stdout.write(config_yaml(cfg))
         return 0
     result = train_vae(cfg, resume=args.resume)
     print(f"dfm: done at step {result['step']}; model {result['model']}", file=sys.stderr)

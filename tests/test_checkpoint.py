@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from dfm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from dfm.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    run_config,
+    save_checkpoint,
+)
 
 
 def _model_and_opt():
@@ -86,3 +94,20 @@ def test_weight_files_get_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o666 & ~mask  # not save_file's 0600
+
+
+def test_find_checkpoint_and_run_config_from_any_path_a_user_gives(tmp_path):
+    m, _ = _model_and_opt()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("a: 1\n")
+    for step in (1, 2):
+        save_checkpoint(run / "checkpoints", step, m.state_dict(), extra_files={"config.yaml": f"step: {step}\n"})
+    step1, step2 = run / "checkpoints" / "step_00000001", run / "checkpoints" / "step_00000002"
+    assert find_checkpoint(step1) == step1  # a step_* folder: itself
+    assert find_checkpoint(run / "checkpoints") == step2  # a checkpoints folder: its latest
+    assert find_checkpoint(run) == step2  # a run directory: its latest
+    assert find_checkpoint(tmp_path / "missing") is None and find_checkpoint(tmp_path) is None
+    assert run_config(step1).read_text() == "step: 1\n" and run_config(run) == run / "config.yaml"
+    assert run_config(run / "checkpoints") == run / "config.yaml"  # the one beside it
+    assert run_config(tmp_path / "missing") is None

@@ -10,7 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_dit import batch as dit_batch, randomize  # the tests folder is on sys.path
+from test_dit import (  # the tests folder is on sys.path
+    assert_checkpointing_changes_nothing,
+    randomize,
+)
+from test_dit import batch as dit_batch
 
 from dfm.errors import UserError
 from dfm.models import DIT_CONFIGS, DiT, DiTConfig, HourglassDiT
@@ -214,14 +218,7 @@ def test_causal_hourglass_ignores_future_frames():
 def test_checkpointing_and_bf16_cast():
     net = randomize(DiT(hg(adaln_lora_rank=4, fps_embedding=True, skip="lerp")))
     x, c_noise, context, mask = batch(F=2, H=8, W=8)
-    grads = []
-    for ckpt in (False, True):
-        net.zero_grad()
-        net.gradient_checkpointing = ckpt
-        net(x, c_noise, context, mask, fps=24.0).square().mean().backward()
-        grads.append([p.grad.clone() for p in net.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+    assert_checkpointing_changes_nothing(net, x, c_noise, context, mask, fps=24.0)
     assert len(net.blocks) == 3  # down, mid, up: what FSDP wraps and compile_blocks compiles
     with torch.no_grad():
         ref = net(x, c_noise, context, mask)

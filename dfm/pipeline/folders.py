@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dfm.checkpoint import find_checkpoint
 from dfm.diffusion.sampling import SPACES, resolve_sampler
 from dfm.errors import UserError
 from dfm.pipeline.generation import (
@@ -135,7 +136,7 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
         raise PipelineError(f"model folder {path} not found{hint}; pass --model PATH to a dfm model folder, a "
                             f"diffusers Wan 2.1 folder or a trainer checkpoint")
     if not (path / "model_index.json").is_file():
-        ckpt = _find_checkpoint(path)
+        ckpt = find_checkpoint(path)
         if ckpt is not None:
             return pipeline_from_checkpoint(ckpt, device=device, dtype=dtype)
         raise PipelineError(f"{path} has no model_index.json; pass a dfm model folder (dfm export), a diffusers Wan "
@@ -260,19 +261,6 @@ def _load_wan_folder(path: Path, index: dict, device, dtype) -> Pipeline:
 # ============================================================================================ checkpoints
 
 
-def _find_checkpoint(path: Path) -> Path | None:
-    """A step_* folder from itself, a checkpoints/ folder or a run directory (the latest), else None."""
-    from dfm.checkpoint import latest_checkpoint
-
-    if (path / "state.json").is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
-    return None
-
-
 def _checkpoint_config(path: Path):
     """(TrainConfig, the text encoder of text.json: a small one with untrained weights, or the frozen encoder it
     names, the autoencoder) of a checkpoint."""
@@ -338,7 +326,7 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
     from dfm.train import _arch, backbone_config, config_yaml
 
     given = Path(path)
-    path = _find_checkpoint(given) if given.exists() else None
+    path = find_checkpoint(given) if given.exists() else None
     if path is None:
         raise PipelineError(f"{given} is not a trainer checkpoint (a step_* folder with state.json, its "
                             f"checkpoints/ folder or a run directory); check the path")
@@ -447,7 +435,7 @@ def describe(path: str | Path) -> str:
                  "vae": _count(path / "vae")}
         vae = _load_vae(path / "vae", again)
     else:
-        ckpt = _find_checkpoint(path)
+        ckpt = find_checkpoint(path)
         if ckpt is None:
             raise PipelineError(f"{path} is neither a model folder (model_index.json) nor a trainer checkpoint")
         cfg, text, vae = _checkpoint_config(ckpt)
