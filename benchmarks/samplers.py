@@ -32,11 +32,10 @@ from dfm.diffusion import paths, samplers, schedules
 from dfm.diffusion.gmm import GaussianMixture
 
 SIGMA_MIN, SIGMA_MAX, SHIFT = 0.002, 80.0, 3.0
-# dfm's few-step grid: uniform in log-SNR (DPM-Solver's recommendation, Lu et al. 2022 Sec. 3.3), i.e. the
-# `exponential` schedule, ending at sigma_data / 10 = 0.05 rather than 0.002: the last step of a data-prediction
-# solver returns D(x, sigma_min), and below ~sigma_data/10 D is nearly the identity, so that NFE is wasted there.
-# This end point was chosen on this benchmark (0.002, 0.01, 0.03, 0.06 tried); on Karras grids dfm equals diffusers.
-SIGMA_MIN_FEW = 0.05
+# dfm's few-step grid is the registry's "logsnr" (EDM models) / "flow_logsnr" (flow models, from s = 1): uniform in
+# log-SNR (DPM-Solver's recommendation, Lu et al. 2022 Sec. 3.3), i.e. `exponential`, from 80 to sigma_data / 10 =
+# 0.05 rather than 0.002 (schedules.LOGSNR_SIGMA_MIN: the end point was chosen on this benchmark, 0.002, 0.01, 0.03,
+# 0.06 tried). On Karras grids dfm equals diffusers.
 KINDS = ("edm", "flow")
 DTYPE = torch.float32  # samplers run in the precision a user runs them in; the reference is float64
 
@@ -107,7 +106,7 @@ def edm_grid(grid: str, n: int) -> torch.Tensor:
     if grid == "karras":
         return schedules.karras(n, SIGMA_MIN, SIGMA_MAX, rho=7.0)
     if grid == "logsnr":
-        return schedules.exponential(n, SIGMA_MIN_FEW, SIGMA_MAX)
+        return schedules.sampling_grid("logsnr", n).sigmas()
     raise ValueError(grid)
 
 
@@ -116,8 +115,7 @@ def dfm_flow(method: str, grid: str = "shift", **opts):
         if grid == "shift":  # Wan's grid
             ts = schedules.flow_shifted(n, shift=SHIFT)
         else:  # s = 1, then the log-SNR grid's levels below sigma_max, as flow times s = sigma / (1 + sigma)
-            sig = schedules.exponential(n, SIGMA_MIN_FEW, SIGMA_MAX, dtype=torch.float64)[1:]
-            ts = torch.cat([torch.ones(1, dtype=torch.float64), sig / (1 + sig)]).float()
+            ts = schedules.sampling_grid("flow_logsnr", n).flow_times()
         return samplers.sample_flow(velocity, x, ts, method=method, **opts)
 
     return run

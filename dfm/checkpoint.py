@@ -27,26 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file as _save_file
+from safetensors.torch import load_file
 
-from dfm.errors import UserError
+from dfm.errors import CheckpointError
+from dfm.io import save_safetensors
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(UserError, RuntimeError):
-    """A missing or unreadable checkpoint; the message names the path and what to do."""
-
-
 # --- optimizer state <-> (tensors, json) ------------------------------------------------------------------------
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' save_file, then the file mode a written file normally gets (save_file leaves it 0600, private)."""
-    from dfm.video import written_file_mode
-
-    _save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, written_file_mode())
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

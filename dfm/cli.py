@@ -16,11 +16,14 @@ import importlib.util
 import os
 import sys
 
-from dfm.errors import UserError
+from dfm.checkpoint import run_config
+from dfm.config import config_yaml, load_config
+from dfm.errors import UserError, first_line
+from dfm.training import TrainConfig, check_config, train
 
 
 # modules that define `add_commands(subparsers)`; one module per command family keeps this file small
-COMMAND_MODULES = ("dfm.pipeline", "dfm.evaluate", "dfm.preprocess", "dfm.train_vae")
+COMMAND_MODULES = ("dfm.pipeline", "dfm.evaluate", "dfm.preprocess", "dfm.training.vae_trainer")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     p = sub.add_parser("train", help="train a model from a YAML recipe",
                        description="Train a video diffusion model. Settings come from the dataclass defaults "
-                                   "(dfm/train.py), then --config, then key=value overrides (e.g. "
+                                   "(dfm/training/config.py), then --config, then key=value overrides (e.g. "
                                    "train.max_steps=100 optim.lr=3e-4).")
     p.add_argument("--config", metavar="YAML", help="a recipe such as configs/wan_flow_digits.yaml "
                    "(optional with --resume PATH: the checkpoint's config.yaml is used)")
@@ -52,10 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from dfm.checkpoint import run_config
-    from dfm.config import load_config
-    from dfm.train import TrainConfig, check_config, config_yaml, train
-
     config_path = args.config
     if config_path is None:
         config_path = run_config(args.resume) if args.resume not in (None, "latest") else None
@@ -82,8 +81,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except expected as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"dfm {args.command}: error: {msg}", file=sys.stderr)
+        print(f"dfm {args.command}: error: {first_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`dfm info ... | head`): not an error
         sys.stdout = open(os.devnull, "w")

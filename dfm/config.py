@@ -18,7 +18,8 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
-from dfm.errors import UserError
+from dfm.errors import UserError, first_line
+from dfm.io import write_text_atomic
 
 T = TypeVar("T")
 
@@ -141,13 +142,45 @@ def _set_dotted(data: dict, cls, dotted: str, value: Any) -> None:
         node_cls, where = types[part], where + part + "."
 
 
+def renamed_keys(cls) -> dict[str, tuple[str, ...]]:
+    """A config class's renamed keys: `RENAMED = {"old.dotted.key": ("new.key", ...)}` on the class (optional)."""
+    return dict(getattr(cls, "RENAMED", {}))
+
+
+def upgrade(cls, data: dict) -> dict:
+    """Move the values of renamed keys in a nested dict (a config file of an older dfm) to their new keys; a new
+    key set in the same file wins over the old one's value."""
+    for old, new in renamed_keys(cls).items():
+        *path, leaf = old.split(".")
+        node = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        for target in new:
+            *tpath, tleaf = target.split(".")
+            tnode = data
+            for part in tpath:
+                tnode = tnode.setdefault(part, {})
+                if not isinstance(tnode, dict):  # not a section: from_dict reports it
+                    break
+            else:
+                tnode.setdefault(tleaf, value)
+    return data
+
+
 def parse_overrides(cls, overrides: Sequence[str], data: dict | None = None) -> dict:
     """Apply `a.b=value` strings (values parsed as YAML) onto the nested dict `data`."""
     data = {} if data is None else data
+    renamed = renamed_keys(cls)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. train.max_steps=100)")
         key, raw = item.split("=", 1)
+        if key.strip() in renamed:
+            new = renamed[key.strip()][0]
+            raise ConfigError(f"config key '{key.strip()}' is now '{new}'; write {new}={raw}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -166,9 +199,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+            raise ConfigError(f"config file {path} is not valid YAML ({first_line(e)}); fix the syntax") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        data = upgrade(cls, data)  # the keys an older dfm wrote, moved to their new places
     data = parse_overrides(cls, overrides, data)
     return from_dict(cls, data)
 
@@ -179,6 +213,4 @@ def config_yaml(cfg) -> str:
 
 
 def save_config(cfg, path: str | Path) -> None:
-    from dfm.video import write_text_atomic
-
     write_text_atomic(path, config_yaml(cfg))

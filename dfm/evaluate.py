@@ -59,6 +59,9 @@ import torch.nn.functional as F
 
 from dfm.data.digits import COLORS, DIRECTIONS, DIRECTION_STEPS, MovingDigits, caption_for, parse_caption
 from dfm.errors import UserError
+from dfm.io import atomic_path
+from dfm.pipeline import Generation, load_pipeline
+from dfm.video import write_contact_sheet
 
 FEATURE_SIZE = 8  # classifier input: FEATURE_SIZE x FEATURE_SIZE aligned crops (scikit-learn's digits are 8x8)
 FOREGROUND_THRESHOLD = 0.1  # intensity in [0, 1] above the background that counts as the object
@@ -303,14 +306,9 @@ def score(records: list[dict], expected: list[dict]) -> dict:
         values = [float(v) for v in values if v is not None]
         return sum(values) / len(values) if values else None
 
-    return {
-        "digit_accuracy": mean(r["correct_digit"] for r in records),
-        "direction_accuracy": mean(r["correct_direction"] for r in records),
-        "color_accuracy": mean(r["correct_color"] for r in records),
-        "temporal_consistency": mean(r["temporal_consistency"] for r in records),
-        "frame_agreement": mean(r["frame_agreement"] for r in records),
-        "motion_smoothness": mean(r["motion_smoothness"] for r in records),
-    }
+    accuracies = {f"{k}_accuracy": mean(r[f"correct_{k}"] for r in records) for k in ("digit", "direction", "color")}
+    scores = ("temporal_consistency", "frame_agreement", "motion_smoothness")
+    return {**accuracies, **{k: mean(r[k] for r in records) for k in scores}}
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -346,16 +344,7 @@ def expected_from_prompt(prompt: str) -> dict:
 # ------------------------------------------------------------------------------------------ a perfect "model"
 
 
-@dataclass
-class Clips:
-    """What `ReferencePipeline.generate` returns (the fields of dfm.pipeline's Generation)."""
-
-    videos: torch.Tensor  # [B, 3, F, H, W] in [-1, 1]
-    prompts: list[str]
-    seeds: list[int]
-    nfe: int = 0
-    seconds: float = 0.0
-    fps: float = 8.0
+Clips = Generation  # what `ReferencePipeline.generate` returns: dfm.pipeline's result, with nfe 0 and no settings
 
 
 class ReferencePipeline:
@@ -432,16 +421,15 @@ def evaluate(pipeline, prompts: Optional[Sequence[str]] = None, num_videos: int 
     summary = score(records, expected)
     classifier = digit_classifier(digit_size)
     defaults = getattr(pipeline, "defaults", {}) or {}
+    asked = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale}
+    used = {k: settings.get(k, defaults.get(k) if v is None else v) for k, v in asked.items()}  # pipeline's, else asked
     result = {
         **summary,
         "nfe": nfe,
         "seconds_per_video": seconds / len(expected),
         "num_videos": len(expected),
         "seed": seed,
-        "steps": settings.get("steps", steps if steps is not None else defaults.get("steps")),
-        "sampler": settings.get("sampler", sampler if sampler is not None else defaults.get("sampler")),
-        "guidance_scale": settings.get("guidance_scale",
-                                       guidance_scale if guidance_scale is not None else defaults.get("guidance_scale")),
+        **used,
         "video_shape": list(videos.shape[1:]),
         "digit_size": digit_size,
         "classifier_test_accuracy": classifier.test_accuracy,
@@ -450,8 +438,6 @@ def evaluate(pipeline, prompts: Optional[Sequence[str]] = None, num_videos: int 
                     **record} for want, s, record in zip(expected, seeds, records)],
     }
     if sheet is not None:
-        from dfm.video import write_contact_sheet
-
         def short(digit, direction, color):  # the contact sheet is narrow: "7 left red"
             return " ".join(str(v) for v in (digit, direction, color) if v is not None) or "-"
 
@@ -511,8 +497,6 @@ def training_data_config(path: str, pipeline=None) -> tuple[Optional[str], dict]
 
 
 def _load_pipeline(path: str, device: str):
-    from dfm.pipeline import load_pipeline
-
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
@@ -541,9 +525,7 @@ def _colors(text: Optional[str]):
 
 
 def run_eval(args) -> int:
-    def log(msg):
-        print(f"dfm eval: {msg}", file=sys.stderr)
-
+    log = functools.partial(print, "dfm eval:", file=sys.stderr)
     if args.num < 1 or args.batch_size < 1 or args.threads < 0:
         raise EvalError("--num and --batch-size must be at least 1, --threads at least 0")
     if args.threads:
@@ -576,8 +558,6 @@ def run_eval(args) -> int:
           f"{', '.join(colors) if colors else 'none'}; digit classifier (SVM on aligned 8x8 crops of scikit-learn's "
           f"digits): held-out accuracy {first['classifier_test_accuracy']:.3f}")
     if args.json:
-        from dfm.video import atomic_path
-
         report = {"model": None if args.reference else str(args.model), "reference": bool(args.reference),
                   "colors": colors, "results": results}
         with atomic_path(args.json) as tmp:

@@ -34,8 +34,14 @@ from typing import Optional
 
 import torch
 
+from dfm.config import load_config, to_dict
 from dfm.data.latents import FORMAT, INDEX, SHARD, _reason, tensor_key
 from dfm.errors import UserError
+from dfm.io import atomic_path, save_safetensors
+from dfm.text import load_text_encoder
+from dfm.training.config import TrainConfig
+from dfm.training.data import build_dataset
+from dfm.vae import load_vae
 
 SETTINGS = "preprocess.json"
 _RECORD_KEY = "dfm"  # the safetensors metadata entry holding a shard's JSON record
@@ -70,8 +76,6 @@ def _plain(data):
 
 def _check_settings(out: Path, settings: dict) -> None:
     """Write OUT/preprocess.json, or refuse when the one there records other settings."""
-    from dfm.video import atomic_path
-
     path = out / SETTINGS
     if path.is_file():
         try:
@@ -183,8 +187,6 @@ def _encode_shard(dataset, vae, text_encoder, lo: int, hi: int, batch_size: int,
 
 
 def _write_index(out: Path, settings: dict, records: dict, skipped: list, context_length: Optional[int]) -> None:
-    from dfm.video import atomic_path
-
     samples, failed = {}, []
     for name, record in sorted(records.items()):
         for sample_id, sample in record["samples"].items():
@@ -229,10 +231,6 @@ def preprocess(dataset, vae, text_encoder, out, *, settings: Optional[dict] = No
     if hasattr(vae, "to"):
         vae.to(device)
 
-    from dfm.checkpoint import save_safetensors
-
-    from dfm.video import atomic_path
-
     skipped = list(getattr(dataset, "skipped", []))  # files left out when the dataset was built
     records, written, reused, index_time = {}, 0, 0, 0.0
     num_shards = math.ceil(n / shard_size)
@@ -267,9 +265,6 @@ def preprocess(dataset, vae, text_encoder, out, *, settings: Optional[dict] = No
 
 def data_config(items: list[str]):
     """A TrainConfig from --data: at most one YAML recipe, then KEY=VALUE items (bare keys are data.KEY)."""
-    from dfm.config import load_config
-    from dfm.train import TrainConfig
-
     sections = {f for f in TrainConfig.__dataclass_fields__}
     recipe, overrides = None, []
     for item in items:
@@ -285,8 +280,6 @@ def data_config(items: list[str]):
 
 def data_settings(cfg) -> dict:
     """The data config as recorded in preprocess.json (loader-only keys left out: they do not change the latents)."""
-    from dfm.config import to_dict
-
     return {k: v for k, v in to_dict(cfg.data).items() if k not in ("shuffle", "num_workers")}
 
 
@@ -319,10 +312,6 @@ def add_commands(sub) -> None:
 
 
 def cmd_preprocess(args) -> int:
-    from dfm.text import load_text_encoder
-    from dfm.train import build_dataset
-    from dfm.vae import load_vae
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = data_config(args.data)
     dataset = build_dataset(cfg)  # first: a bad data config fails before any model is loaded

@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dfm.checkpoint import save_safetensors
-from dfm.errors import UserError
+from dfm.errors import UserError, first_line
+from dfm.io import save_safetensors
 
 SPECIALS = ("<pad>", "<bos>", "<unk>")
 PAD, BOS, UNK = 0, 1, 2
@@ -150,7 +150,7 @@ class TextEncoderError(UserError, ValueError):
 
 def _reason(error: BaseException) -> str:
     """"TypeName: first line of the message", for one-line errors."""
-    text = str(error).splitlines()[0] if str(error) else ""
+    text = first_line(error, empty="")
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -512,3 +512,45 @@ def load_text_encoder(path, tokenizer=None, max_length: Optional[int] = None, *,
         encoder = _load_small(folder, max_length, cache_bytes)
         return encoder.to(device)
     return _load_hf(folder, config, tokenizer, max_length, device, dtype, cache_bytes)
+
+
+# ------------------------------------------------------------------------------------- null conditioning
+
+
+def pad_context(context: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad context [B, L, D] and mask [B, L] (False) to `length` tokens."""
+    pad = length - context.shape[1]
+    if pad <= 0:
+        return context, mask
+    return (torch.nn.functional.pad(context, (0, 0, 0, pad)),  # [B, length, D]
+            torch.nn.functional.pad(mask, (0, pad), value=False))  # [B, length]
+
+
+def guidance_branches(encode, prompts: list[str], negative: list[str] | None, null: str, use_mask: bool,
+                      guidance_scale: float) -> tuple[dict, dict | None]:
+    """The cond and uncond keyword dicts of classifier-free guidance (dfm.diffusion.guidance.CFGDenoiser).
+
+    encode(prompts) -> (context [B, L, D] float, mask [B, L] bool). The uncond branch is the `negative` prompts
+    if given, else the model's null conditioning, as in its training (dfm.model.DiffusionModule.loss): "empty" =
+    the empty prompt's encoding (zero-padded past its tokens), "zeros" = zero context with the prompts' mask. Both
+    branches are padded to one length. use_mask=False leaves the mask out (Wan attends to all tokens, the zero
+    padding included). guidance_scale 1: the conditional branch alone (uncond None).
+    """
+    ctx, mask = encode(prompts)
+    ctx = ctx.float()
+    if guidance_scale == 1:
+        return ({"context": ctx, "context_mask": mask} if use_mask else {"context": ctx}), None
+    if negative is not None:
+        n_ctx, n_mask = encode(negative)
+        n_ctx = n_ctx.float()
+    elif null == "zeros":
+        n_ctx, n_mask = torch.zeros_like(ctx), mask
+    else:
+        n_ctx, n_mask = encode([""] * len(prompts))
+        n_ctx = n_ctx.float()
+    length = max(ctx.shape[1], n_ctx.shape[1])
+    ctx, mask = pad_context(ctx, mask, length)
+    n_ctx, n_mask = pad_context(n_ctx, n_mask.to(mask.device), length)
+    if not use_mask:
+        return {"context": ctx}, {"context": n_ctx}
+    return {"context": ctx, "context_mask": mask}, {"context": n_ctx, "context_mask": n_mask}

@@ -37,7 +37,7 @@ Large-Scale Video Generative Models", sec. 3.1) and MAGVIT-v2's causal 3D CNN (Y
   at the end of training and stored with the weights (as the Wan-VAE's latents_mean / latents_std, and like the
   single scale factor of latent diffusion, Rombach et al. 2022 sec. 3.1 / appendix G).
 
-Training on Moving Digits and evaluation (`dfm train-vae`, `dfm eval-vae`) live in dfm/train_vae.py.
+Training on Moving Digits and evaluation (`dfm train-vae`, `dfm eval-vae`) live in dfm/training/vae_trainer.py.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfm.errors import UserError
+from dfm.errors import UserError, first_line
+from dfm.io import atomic_path, save_safetensors
 
 MODEL_TYPE = "causal_vae"  # the "type" in config.json of a CausalVAE folder
 
@@ -253,6 +254,7 @@ class CausalVAE(nn.Module):
         super().__init__()
         config.check()
         self.config = c = config
+        self.channels, self.temporal_factor, self.spatial_factor = c.latent_channels, c.temporal_factor, c.spatial_factor
         levels = int(math.log2(c.spatial_factor))
         time_levels = int(math.log2(c.temporal_factor))
         widths = [c.base_channels * m for m in c.channel_mult]  # [levels + 1]
@@ -275,18 +277,6 @@ class CausalVAE(nn.Module):
         # per-channel latent statistics, measured on the training data (fit_latent_stats); saved with the weights
         self.register_buffer("latents_mean", torch.zeros(c.latent_channels))
         self.register_buffer("latents_std", torch.ones(c.latent_channels))
-
-    @property
-    def channels(self) -> int:
-        return self.config.latent_channels
-
-    @property
-    def temporal_factor(self) -> int:
-        return self.config.temporal_factor
-
-    @property
-    def spatial_factor(self) -> int:
-        return self.config.spatial_factor
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return check_latent_shape(frames, height, width, self.channels, self.temporal_factor, self.spatial_factor,
@@ -313,27 +303,26 @@ class CausalVAE(nn.Module):
         holds frame 0 alone plus (chunk - 1) groups of k frames, later chunks chunk*k frames)."""
         if chunk is None or chunk <= 0:
             return [frames]
-        if latent:
-            first, rest = chunk, chunk
-        else:
-            first, rest = 1 + self.temporal_factor * (chunk - 1), self.temporal_factor * chunk
+        k = 1 if latent else self.temporal_factor
+        first, rest = 1 + k * (chunk - 1), k * chunk
         sizes = [min(first, frames)]
         while sum(sizes) < frames:
             sizes.append(min(rest, frames - sum(sizes)))
         return sizes
+
+    def _streamed(self, stack: Stack, x: torch.Tensor, chunk: Optional[int], latent: bool) -> torch.Tensor:
+        """`stack` (the encoder or the decoder) over x in temporal chunks, through one streaming cache."""
+        cache: Cache = {}
+        pieces = x.split(self.chunk_sizes(x.shape[2], chunk, latent), dim=2)
+        return torch.cat([stack(p, cache) for p in pieces], dim=2)
 
     def moments(self, video: torch.Tensor, *, chunk: Optional[int] = None, tile: Optional[int] = None,
                 overlap: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The Gaussian posterior q(z | video): (mean, logvar), each [B, C, f, h, w], unnormalised."""
         _check_video(video, "CausalVAE")
         self.latent_shape(*video.shape[2:])
-
-        def encode_tile(x):
-            cache: Cache = {}
-            pieces = x.split(self.chunk_sizes(x.shape[2], chunk, latent=False), dim=2)
-            return torch.cat([self.encoder(p, cache) for p in pieces], dim=2)  # [B, 2C, f, h, w]
-
-        out = blend_tiles(encode_tile, video, tile, overlap, self.spatial_factor, down=True)
+        out = blend_tiles(lambda x: self._streamed(self.encoder, x, chunk, latent=False), video, tile, overlap,
+                          self.spatial_factor, down=True)  # [B, 2C, f, h, w]
         mean, raw = out.chunk(2, dim=1)
         logvar = -F.softplus(-raw).clamp(max=30.0)  # log sigma^2 <= 0: the posterior is never wider than the prior
         return mean, logvar
@@ -342,13 +331,8 @@ class CausalVAE(nn.Module):
                    overlap: Optional[int] = None) -> torch.Tensor:
         """Unnormalised latents [B, C, f, h, w] -> video [B, 3, 1 + k(f-1), s*h, s*w], not clamped."""
         _check_latents(z, self.channels, "CausalVAE")
-
-        def decode_tile(x):
-            cache: Cache = {}
-            pieces = x.split(self.chunk_sizes(x.shape[2], chunk, latent=True), dim=2)
-            return torch.cat([self.decoder(p, cache) for p in pieces], dim=2)
-
-        return blend_tiles(decode_tile, z, tile, overlap, self.spatial_factor, down=False)
+        return blend_tiles(lambda x: self._streamed(self.decoder, x, chunk, latent=True), z, tile, overlap,
+                           self.spatial_factor, down=False)
 
     # ---- the interface
 
@@ -376,10 +360,6 @@ class CausalVAE(nn.Module):
     def save_pretrained(self, folder, extra: Optional[dict] = None) -> Path:
         """folder/config.json ({"type": "causal_vae", the config, `extra`}) + folder/model.safetensors (weights
         and the latent mean/std). Each file is written atomically."""
-        from dfm.checkpoint import save_safetensors
-
-        from dfm.video import atomic_path
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "model.safetensors") as tmp:
@@ -405,7 +385,7 @@ class CausalVAE(nn.Module):
         try:
             model.load_state_dict(load_file(str(weights)))
         except (OSError, SafetensorError, RuntimeError, ValueError) as e:
-            reason = str(e).splitlines()[0][:160]
+            reason = first_line(e)[:160]
             raise VAEError(f"the VAE weights file {weights} is corrupt or does not match config.json ({reason}); "
                            f"re-save or retrain the model") from None
         return model.eval()
@@ -438,8 +418,7 @@ def tile_starts(size: int, tile: int, stride: int) -> list[int]:
     """Starts of tiles of length `tile` every `stride` covering [0, size); the last one ends at `size`."""
     if size <= tile:
         return [0]
-    starts = list(range(0, size - tile, stride))
-    return starts + [size - tile]
+    return list(range(0, size - tile, stride)) + [size - tile]
 
 
 def _ramp_window(start: int, length: int, size: int, ramp: int, like: torch.Tensor) -> torch.Tensor:
@@ -565,7 +544,7 @@ def load_wan_vae(folder, dtype: torch.dtype = torch.float32) -> WanVAE:
     try:
         model = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
     except Exception as e:  # diffusers raises OSError, ValueError, SafetensorError, RuntimeError, ...
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        reason = first_line(e)[:160]
         raise VAEError(f"cannot load the Wan VAE weights file {weights[0]} ({type(e).__name__}: {reason}); "
                        f"the file is corrupt or does not match {folder / 'config.json'}") from None
     return WanVAE(model)
@@ -588,8 +567,6 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from dfm.video import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 

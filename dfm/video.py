@@ -9,25 +9,22 @@ numbered .png files is read as a "png sequence" (frames in natural sort order: 2
     write_video("out.gif", video, fps=8)                       # Pillow
     write_contact_sheet("sheet.png", videos, labels=captions)  # videos [B, 3, F, H, W]
 
-Every write is atomic: it goes to a temporary file in the target folder, then `os.replace`s it,
-so a crash never leaves half a file under the final name.
+Every write is atomic (`dfm.io.atomic_path`): it goes to a temporary file in the target folder, then
+`os.replace`s it, so a crash never leaves half a file under the final name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-PathLike = Union[str, os.PathLike]
+from dfm.io import PathLike, atomic_path
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi", ".m4v")
 IMAGE_EXTENSIONS = (".png",)
@@ -248,37 +245,6 @@ def read_video(
 
 
 # ---------------------------------------------------------------------------------------------- writing
-
-
-def written_file_mode() -> int:
-    """The mode a newly written file normally gets (0o666 less the umask), for files that tools create private."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike):
-    """Yield a temporary path next to `path` (same suffix); on success move it onto `path`, on error delete it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    os.chmod(tmp, written_file_mode())  # mkstemp makes the file private (0600)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-def write_text_atomic(path: PathLike, text: str) -> Path:
-    """Write a text file all at once (temp file, then rename): a crash leaves the old file or the new, never half."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
 
 
 def _write_mp4(path: Path, frames: np.ndarray, fps: float, crf: int) -> None:

@@ -1,5 +1,6 @@
 import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ from dfm.checkpoint import (
     run_config,
     save_checkpoint,
 )
+from dfm.errors import UserError
+from dfm.io import save_safetensors
+from dfm.models import CheckpointError as WeightsError
 
 
 def _model_and_opt():
@@ -85,11 +89,13 @@ def test_incomplete_and_corrupt_checkpoints_are_clear_errors(tmp_path):
         load_checkpoint(good)
 
 
+def test_one_checkpoint_error_for_training_checkpoints_and_model_weights():
+    assert CheckpointError is WeightsError  # dfm.checkpoint's and dfm.models' are dfm.errors.CheckpointError
+    for base in (UserError, RuntimeError, ValueError):  # what the two former classes were: old excepts still catch
+        assert issubclass(CheckpointError, base)
+
+
 def test_weight_files_get_the_usual_mode(tmp_path):
-    import stat
-
-    from dfm.checkpoint import save_safetensors
-
     save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
     mask = os.umask(0)
     os.umask(mask)

@@ -17,7 +17,8 @@ import yaml
 from dfm.checkpoint import latest_checkpoint, load_checkpoint
 from dfm.config import load_config
 from dfm.distributed import derive_seed, sample_generators
-from dfm.train import DiffusionModule, TrainConfig, backbone_config, build_text_encoder, train
+from dfm.model import DiffusionModule, backbone_config, build_text_encoder
+from dfm.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,10 +102,10 @@ def test_fsdp2_trains_and_its_checkpoint_loads_and_resumes_in_one_process(launch
     # the sharded run's checkpoint is a plain one: it loads into an unwrapped module ...
     ckpt = latest_checkpoint(fsdp / "checkpoints")
     cfg = load_config(TrainConfig, ckpt / "config.yaml")
-    text = build_text_encoder(cfg, json.loads((ckpt / "text.json").read_text())["vocab"])
+    text = build_text_encoder(cfg.text, json.loads((ckpt / "text.json").read_text())["vocab"])
     from dfm.models import DiT
 
-    module = DiffusionModule(DiT(backbone_config(cfg, 3, text.dim)), text, cfg.diffusion)
+    module = DiffusionModule(DiT(backbone_config(cfg.model, 3, text.dim)), text, cfg.diffusion)
     module.load_state_dict(load_checkpoint(ckpt)["model"])
     # ... and one process resumes it (optimizer and EMA included) for two more steps, like the 1-process run
     resumed = train(load_config(TrainConfig, cfg_file, [f"train.output_dir={fsdp}", "train.max_steps=5"]),

@@ -16,6 +16,7 @@ from test_dit import (  # the tests folder is on sys.path
 )
 from test_dit import batch as dit_batch
 
+from dfm.config import load_config
 from dfm.errors import UserError
 from dfm.models import DIT_CONFIGS, DiT, DiTConfig, HourglassDiT
 from dfm.models.layers import (
@@ -25,6 +26,7 @@ from dfm.models.layers import (
     split_tokens,
     window_attention,
 )
+from dfm.text import WordTokenizer
 
 CTX = 10  # as in test_dit, whose helpers these tests share
 
@@ -273,18 +275,17 @@ def test_overfits_a_batch_under_flow_matching():
 
 
 def test_trainer_builds_the_hourglass_from_model_overrides(tmp_path):
-    from dfm.config import load_config
-    from dfm.text import WordTokenizer
-    from dfm.train import DiffusionModule, TrainConfig, backbone_config, build_text_encoder
+    from dfm.model import DiffusionModule, backbone_config, build_text_encoder
+    from dfm.training import TrainConfig
 
     cfg_file = tmp_path / "hdit.yaml"
     cfg_file.write_text("model: {arch: dit, size: hourglass-tiny}\ndiffusion: {paradigm: flow}\n"
                         "data: {num_frames: 2, size: 8}\ntext: {dim: 16, layers: 1, heads: 2}\n")
     cfg = load_config(TrainConfig, cfg_file, ["model.overrides.depths=[1,1,1]", "model.overrides.widths=[32,32,64]",
                                               "model.overrides.merge=[[1,2,2],[2,2,2]]"])
-    net = DiT(backbone_config(cfg, 3, 16))
+    net = DiT(backbone_config(cfg.model, 3, 16))
     assert isinstance(net, HourglassDiT) and net.config.level_merges == ((1, 2, 2), (2, 2, 2))
-    module = DiffusionModule(net, build_text_encoder(cfg, WordTokenizer.from_captions(["a", "b"]).vocab), cfg.diffusion)
+    module = DiffusionModule(net, build_text_encoder(cfg.text, WordTokenizer.from_captions(["a", "b"]).vocab), cfg.diffusion)
     ids, mask = module.text.tokenizer(["a", "b"], 8)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     for paradigm in ("flow", "edm"):

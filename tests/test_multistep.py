@@ -9,7 +9,7 @@ import torch
 
 from dfm.diffusion import paths
 from dfm.diffusion.gmm import GaussianMixture
-from dfm.diffusion.multistep import EDM_METHODS, FLOW_METHODS
+from dfm.diffusion.samplers import FLOW_SAMPLERS, SAMPLERS  # multistep.py's methods are in both tables
 
 SHAPE = (3, 4)
 GMM = GaussianMixture.random(SHAPE, components=3, std=0.4, seed=1)
@@ -60,10 +60,10 @@ def run_scheduler(sched, x, generator=None, flow=False):
 
 
 def ours_edm(method, sched, x_vp, **options):
-    """The same run with EDM_METHODS on the scheduler's sigmas, starting from the same point in EDM coordinates."""
+    """The same run with SAMPLERS on the scheduler's sigmas, starting from the same point in EDM coordinates."""
     sigmas = sched.sigmas.float()
     x = x_vp * (1 + sigmas[0].double() ** 2).sqrt().float()  # x_edm = x_vp / alpha
-    return EDM_METHODS[method](GMM.denoiser, x, sigmas, **options)
+    return SAMPLERS[method](GMM.denoiser, x, sigmas, **options)
 
 
 DPM_CASES = [  # (diffusers config, our options), steps
@@ -119,7 +119,7 @@ def test_dpmpp_matches_diffusers_edm_scheduler(diffusers, order, steps):
         c_out = sig * sigma_data / (sig**2 + sigma_data**2).sqrt()
         f = (GMM.denoiser(x, sig.expand(x.shape[0])) - c_skip * x) / c_out  # the network output F
         x = sched.step(f, t, x).prev_sample
-    got = EDM_METHODS["dpmpp_3m" if order == 3 else "dpmpp_2m"](GMM.denoiser, x_ours, sched.sigmas)
+    got = SAMPLERS["dpmpp_3m" if order == 3 else "dpmpp_2m"](GMM.denoiser, x_ours, sched.sigmas)
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
 
 
@@ -163,7 +163,7 @@ def test_flow_matches_diffusers_flow_sigmas(diffusers, method, cls, config, opti
     sched.set_timesteps(steps)
     x = noise()
     expected = run_scheduler(sched, x.clone(), flow=True)
-    got = FLOW_METHODS[method](flow_velocity(GMM), x, sched.sigmas.float(), **options)
+    got = FLOW_SAMPLERS[method](flow_velocity(GMM), x, sched.sigmas.float(), **options)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -183,7 +183,7 @@ def edm_errors(method, **options):
     errs = []
     for n in STEPS:
         sigmas = torch.logspace(math.log10(80), math.log10(0.05), n + 1, dtype=torch.float64)
-        got = EDM_METHODS[method](GAUSS.denoiser, x, sigmas, lower_order_final=False, **options)
+        got = SAMPLERS[method](GAUSS.denoiser, x, sigmas, lower_order_final=False, **options)
         errs.append((got - exact).abs().max().item())
     return errs
 
@@ -219,7 +219,7 @@ def test_unip3_is_dpmpp_3m_with_taylor_weights():
     """Two independent derivations agree: UniP-3 with bh2 (rho from the phi-function linear system, no corrector;
     its order-2 warm-up step has rho = 1/2, i.e. 2M midpoint) is DPM-Solver++(3M) with d2="taylor"."""
     x, sigmas = noise(dtype=torch.float64) * 20, torch.tensor([20.0, 8.0, 3.0, 1.2, 0.5, 0.2, 0.05, 0.0])
-    run = lambda m, **o: EDM_METHODS[m](GMM.denoiser, x, sigmas, lower_order_final=False, **o)  # noqa: E731
+    run = lambda m, **o: SAMPLERS[m](GMM.denoiser, x, sigmas, lower_order_final=False, **o)  # noqa: E731
     torch.testing.assert_close(run("unipc", order=3, corrector=False), run("dpmpp_3m", d2="taylor"))
     torch.testing.assert_close(run("unipc", order=2, corrector=False), run("dpmpp_2m"))
     assert (run("dpmpp_3m") - run("dpmpp_3m", d2="taylor")).abs().max() > 1e-4
@@ -252,7 +252,7 @@ def test_flow_from_pure_noise_converges_to_exact(method, options, low):
     errs = []
     for n in STEPS:
         ts = torch.linspace(1, 0.02, n + 1, dtype=torch.float64)
-        got = FLOW_METHODS[method](flow_velocity(GAUSS), eps, ts, lower_order_final=False, **options)
+        got = FLOW_SAMPLERS[method](flow_velocity(GAUSS), eps, ts, lower_order_final=False, **options)
         errs.append((got - exact).abs().max().item())
     assert all(math.isfinite(e) for e in errs)
     assert errs[-1] < 3e-3 and orders(errs)[-1] > low, (errs, orders(errs))
@@ -262,7 +262,7 @@ def test_flow_first_step_from_t1_is_ddim():
     """From t = 1 the first step is x = t_next * x + alpha_next * x0_hat (exp(-h) = 0)."""
     eps = noise(dtype=torch.float64)
     ts = torch.tensor([1.0, 0.7], dtype=torch.float64)
-    got = FLOW_METHODS["dpmpp_2m"](flow_velocity(GMM), eps, ts)
+    got = FLOW_SAMPLERS["dpmpp_2m"](flow_velocity(GMM), eps, ts)
     x0 = eps - flow_velocity(GMM)(eps, torch.ones(2, dtype=torch.float64))
     torch.testing.assert_close(got, 0.7 * eps + 0.3 * x0)
     torch.testing.assert_close(x0, (GMM.weights @ GMM.means).reshape(SHAPE).expand_as(x0))
@@ -280,9 +280,9 @@ def test_flow_equals_edm_on_matching_grid(method, options):
     sigmas = ts / (1 - ts)
     x_flow = noise(dtype=torch.float64)
     seen = {"flow": [], "edm": []}
-    flow = FLOW_METHODS[method](flow_velocity(GMM), x_flow, ts, generator=torch.Generator().manual_seed(1),
+    flow = FLOW_SAMPLERS[method](flow_velocity(GMM), x_flow, ts, generator=torch.Generator().manual_seed(1),
                                 callback=lambda d: seen["flow"].append(d["x"] / (1 - d["t"])), **options)
-    edm = EDM_METHODS[method](GMM.denoiser, x_flow / (1 - ts[0]), sigmas, generator=torch.Generator().manual_seed(1),
+    edm = SAMPLERS[method](GMM.denoiser, x_flow / (1 - ts[0]), sigmas, generator=torch.Generator().manual_seed(1),
                               callback=lambda d: seen["edm"].append(d["x"]), **options)
     torch.testing.assert_close(flow, edm, rtol=1e-9, atol=1e-9)
     assert len(seen["flow"]) == len(seen["edm"]) == len(ts) - 1
@@ -297,7 +297,7 @@ def test_flow_equals_edm_on_matching_grid(method, options):
 def test_last_step_to_zero_returns_the_denoised_estimate(method):
     sigmas = torch.tensor([10.0, 3.0, 1.0, 0.3, 0.0])
     last = {}
-    got = EDM_METHODS[method](GMM.denoiser, noise() * 10, sigmas, generator=torch.Generator().manual_seed(0),
+    got = SAMPLERS[method](GMM.denoiser, noise() * 10, sigmas, generator=torch.Generator().manual_seed(0),
                               callback=last.update, lower_order_final=False)
     assert last["i"] == 3
     torch.testing.assert_close(got, last["denoised"], rtol=0, atol=0)  # alpha = 1, sigma = 0: x = x0_hat
@@ -305,7 +305,7 @@ def test_last_step_to_zero_returns_the_denoised_estimate(method):
 
 def test_options_change_the_result():
     x, sigmas = noise() * 20, torch.tensor([20.0, 8.0, 3.0, 1.2, 0.5, 0.2, 0.0])
-    run = lambda m, **o: EDM_METHODS[m](GMM.denoiser, x, sigmas, **o)  # noqa: E731
+    run = lambda m, **o: SAMPLERS[m](GMM.denoiser, x, sigmas, **o)  # noqa: E731
     assert (run("unipc") - run("unipc", corrector=False)).abs().max() > 1e-4
     assert (run("unipc", variant="bh1") - run("unipc")).abs().max() > 1e-5
     assert (run("unipc", disable_corrector=[2]) - run("unipc")).abs().max() > 1e-5
@@ -317,26 +317,26 @@ def test_options_change_the_result():
 def test_bad_grids_and_options_raise():
     x = noise()
     with pytest.raises(ValueError):
-        EDM_METHODS["dpmpp_2m"](GMM.denoiser, x, torch.tensor([1.0, 2.0, 0.0]))
+        SAMPLERS["dpmpp_2m"](GMM.denoiser, x, torch.tensor([1.0, 2.0, 0.0]))
     with pytest.raises(ValueError):
-        FLOW_METHODS["unipc"](flow_velocity(GMM), x, torch.tensor([1.5, 0.5, 0.0]))
+        FLOW_SAMPLERS["unipc"](flow_velocity(GMM), x, torch.tensor([1.5, 0.5, 0.0]))
     with pytest.raises(ValueError):
-        EDM_METHODS["unipc"](GMM.denoiser, x, torch.tensor([2.0, 0.0]), variant="bh3")
+        SAMPLERS["unipc"](GMM.denoiser, x, torch.tensor([2.0, 0.0]), variant="bh3")
     with pytest.raises(TypeError):
-        EDM_METHODS["dpmpp_2m"](GMM.denoiser, x, torch.tensor([2.0, 0.0]), etaa=1.0)
+        SAMPLERS["dpmpp_2m"](GMM.denoiser, x, torch.tensor([2.0, 0.0]), etaa=1.0)
 
 
 @pytest.mark.parametrize("method", ["dpmpp_2m_sde", "dpmpp_3m_sde"])
 def test_sde_seeding(method):
     sigmas = torch.tensor([20.0, 8.0, 3.0, 1.2, 0.5, 0.2, 0.0])
     x = noise(3) * 20
-    sample = lambda xb, gen: EDM_METHODS[method](GMM.denoiser, xb, sigmas, generator=gen)  # noqa: E731
+    sample = lambda xb, gen: SAMPLERS[method](GMM.denoiser, xb, sigmas, generator=gen)  # noqa: E731
     a = sample(x, torch.Generator().manual_seed(5))
     torch.testing.assert_close(sample(x, torch.Generator().manual_seed(5)), a, rtol=0, atol=0)
     assert (sample(x, torch.Generator().manual_seed(6)) - a).abs().max() > 1e-2
     # from t = 1 on the flow path the SDE forgets x at once (exp(-eta h) = 0), stays finite and seeded
     ts = torch.linspace(1, 0, 7)
-    flow = lambda gen: FLOW_METHODS[method](flow_velocity(GMM), noise(3), ts, generator=gen)  # noqa: E731
+    flow = lambda gen: FLOW_SAMPLERS[method](flow_velocity(GMM), noise(3), ts, generator=gen)  # noqa: E731
     f = flow(torch.Generator().manual_seed(5))
     assert torch.isfinite(f).all()
     torch.testing.assert_close(flow(torch.Generator().manual_seed(5)), f, rtol=0, atol=0)

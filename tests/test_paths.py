@@ -69,6 +69,37 @@ def test_velocity_adapters_round_trip():
     torch.testing.assert_close(v1, x - gmm.weights @ gmm.means, atol=1e-2, rtol=0)
 
 
+@pytest.mark.parametrize("v_dtype", [torch.float32, torch.bfloat16])
+def test_denoiser_from_velocity_is_the_flow_denoise_bit_for_bit(v_dtype):
+    """The shipped flow models' D(x, sigma) (DiffusionModule.denoise, as written before it called the adapter)."""
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 6))
+    velocity = lambda x_s, t: (net(x_s) * t[:, None, None] / 1000).to(v_dtype)  # noqa: E731  a "network" fed s * 1000
+
+    def shipped(x, sigma):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        s = paths.sigma_to_flow_t(sigma)  # [B] fp32
+        x_s = x / paths.append_dims(1 + sigma, x.ndim)  # x_edm * (1 - s)
+        v = velocity(x_s, s * 1000.0)
+        return x_s - paths.append_dims(s, x.ndim) * v.float()
+
+    ours = paths.denoiser_from_velocity(lambda x_s, s: velocity(x_s, s * 1000.0))
+    x = torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(0)) * 5
+    with torch.no_grad():
+        for sigma in (0.3, 7, 1e6, math.inf, torch.tensor(2.5), torch.tensor([0.01, 1.0, 80.0, 1e6]),
+                      torch.tensor([0.5, 2.0, 8.0, 30.0], dtype=torch.bfloat16)):
+            got, want = ours(x, sigma), shipped(x, sigma)
+            assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want), sigma
+
+
+def test_flow_x0_is_the_flow_prediction():
+    x, v = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    s = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    x0 = paths.flow_x0(x, paths.append_dims(s, 2), v)
+    torch.testing.assert_close(x0, x - s[:, None] * v, rtol=0, atol=0)
+    alpha, sigma = (paths.append_dims(t, 2) for t in paths.alpha_sigma(paths.flow_t_to_sigma(s), "flow"))
+    torch.testing.assert_close(paths.to_x0(v, "flow", x, alpha, sigma), x0)
+
+
 def test_gmm_exact_solution_matches_reference():
     g = GaussianMixture(torch.full((1, 4), 0.3), 0.6)
     x = torch.randn(3, 4, dtype=torch.float64) * 10

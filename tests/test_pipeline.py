@@ -17,10 +17,11 @@ from dfm import cli
 from dfm import distributed as D
 from dfm.config import load_config
 from dfm.errors import UserError
-from dfm.diffusion.sampling import SamplingError, resolve_sampler, sampler_names, sampling_grid
+from dfm.diffusion.samplers import SamplingError, resolve_sampler, sampler_names
+from dfm.diffusion.schedules import sampling_grid
 from dfm.pipeline import Generation, PipelineError, export_checkpoint, load_pipeline
 from dfm.pipeline.folders import _text_module
-from dfm.train import TrainConfig, Trainer, train
+from dfm.training import TrainConfig, Trainer, train
 
 PROMPTS = ["the digit 1 moves up", "the digit 2 moves down", "the digit 3 moves to the left"]
 
@@ -39,7 +40,8 @@ COMMON = {
     "text": {"dim": 16, "layers": 1, "heads": 2, "max_length": 12},
     "optim": {"lr": 1e-3},
     "train": {"max_steps": 2, "batch_size": 2, "log_every": 1, "checkpoint_every": 0, "progress": False,
-              "tensorboard": False, "seed": 5, "val_steps": 3, "val_guidance": 3.0, "val_shift": 2.0},
+              "tensorboard": False, "seed": 5},
+    "sampling": {"steps": 3, "guidance_scale": 3.0, "shift": 2.0},
 }
 
 
@@ -82,8 +84,8 @@ def test_export_writes_a_model_folder(runs, name):
     # defaults from the training config
     d = index["defaults"]
     assert (d["num_frames"], d["height"], d["width"], d["steps"], d["guidance_scale"]) == (2, 8, 8, 3, 3.0)
-    assert d["fps"] == cfg.train.val_fps and d["negative_prompt"] is None
-    assert d["sampler"] == ("flow:euler" if name == "wan_flow" else "edm:heun")  # val_sampler "auto"
+    assert d["fps"] == cfg.sampling.fps and d["negative_prompt"] is None
+    assert d["sampler"] == ("flow:euler" if name == "wan_flow" else "edm:heun")  # sampling.sampler "auto"
     assert d["shift"] == (2.0 if name == "wan_flow" else None)
     assert {p.name for p in folder.iterdir()} >= {"model_index.json", "transformer", "text_encoder", "vae",
                                                   "config.yaml"}
@@ -139,7 +141,7 @@ def test_same_videos_as_trainer_generate(runs, name, tmp_path):
     trainer = Trainer(trainer_cfg, resume=str(ckpt))
     trainer.module.eval()
     steps, guidance = 3, 3.0
-    expected = trainer.generate(PROMPTS, steps, guidance, "auto")
+    expected = trainer.validation_videos(PROMPTS)  # the sampling section: 3 steps, guidance 3
     seeds = [D.derive_seed(cfg.train.seed, i, 2) for i in range(len(PROMPTS))]  # the trainer's validation noise
     got = load_pipeline(raw).generate(PROMPTS, seeds=seeds, steps=steps, guidance_scale=guidance, progress=False)
     torch.testing.assert_close(got.videos, expected, atol=1e-5, rtol=0)
@@ -159,8 +161,9 @@ def test_every_sampler_runs(pipes, name):
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_first_order_samplers_agree_across_spaces(pipes, name):
-    """Euler in flow time s and Euler in EDM sigma on the same grid are the same method (design.md), and so is
-    DDIM: the exact adapters of dfm.diffusion.paths carry either model to either space."""
+    """Euler in flow time s and Euler in EDM sigma on the same grid are the same method (one ODE under the exact
+    change of variables sigma = s / (1 - s)), and so is DDIM: the exact adapters of dfm.diffusion.paths carry either
+    model to either space."""
     pipe = pipes[name]
     ref = pipe.generate(PROMPTS[:2], seed=1, steps=4, sampler="flow:euler", progress=False).videos
     for other in ("edm:euler", "edm:ddim"):
@@ -204,12 +207,12 @@ def test_grids():
 
 
 def test_sampler_names():
-    assert resolve_sampler("euler", "flow") == ("flow", "euler")
-    assert resolve_sampler("euler", "edm") == ("edm", "euler")
-    assert resolve_sampler("lms", "flow") == ("edm", "lms")  # only in the EDM space
-    assert resolve_sampler("midpoint", "edm") == ("flow", "midpoint")
-    assert resolve_sampler("edm:unipc", "flow") == ("edm", "unipc")
-    assert resolve_sampler("auto", "edm") == ("edm", "heun")
+    assert resolve_sampler("euler", "flow").name == "flow:euler"
+    assert resolve_sampler("euler", "edm").name == "edm:euler"
+    assert resolve_sampler("lms", "flow").name == "edm:lms"  # only in the EDM space
+    assert resolve_sampler("midpoint", "edm").name == "flow:midpoint"
+    assert resolve_sampler("edm:unipc", "flow").name == "edm:unipc"
+    assert resolve_sampler("auto", "edm").name == "edm:heun"
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -353,3 +356,79 @@ def test_cli_export_with_overrides(runs, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert cli.main(["export", str(runs["dit_edm"][1]), str(out), "--force"]) == 0
     assert math.isclose(json.loads((out / "model_index.json").read_text())["defaults"]["guidance_scale"], 3.0)
+
+
+# ------------------------------------------------------------------------- guidance rescale, interval, grid
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_guidance_rescale_interval_and_grid_change_the_videos(pipes, name):
+    pipe = pipes[name]
+    run = lambda **kw: pipe.generate(PROMPTS[0], seed=0, steps=4, progress=False,  # noqa: E731
+                                     **{"guidance_scale": 4.0, **kw}).videos
+    plain = run()
+    torch.testing.assert_close(run(guidance_rescale=0.0), plain, atol=0, rtol=0)  # 0: plain CFG
+    top = 1.0 if pipe.paradigm == "flow" else 1e9
+    torch.testing.assert_close(run(guidance_interval=(0.0, top)), plain, atol=0, rtol=0)  # every level: plain CFG
+    for kw in ({"guidance_rescale": 0.7}, {"guidance_interval": (0.0, top / 2 if name == "wan_flow" else 1.0)},
+               {"grid": "logsnr"}):
+        assert (run(**kw) - plain).abs().max() > 1e-4, kw
+    # no guidance anywhere == guidance 1
+    empty = (0.0, 1e-6) if pipe.paradigm == "flow" else (0.0, 1e-9)
+    torch.testing.assert_close(run(guidance_interval=empty), run(guidance_scale=1.0), atol=1e-6, rtol=0)
+    out = pipe.generate(PROMPTS[0], seed=0, steps=4, progress=False, guidance_rescale=0.5, grid="logsnr")
+    assert out.settings["guidance_rescale"] == 0.5 and out.settings["grid"] == "logsnr"
+
+
+def test_logsnr_grid_for_a_flow_model_starts_at_pure_noise(pipes):
+    g = pipes["wan_flow"].grid(6, 1.0, "logsnr")
+    assert g.kind == "flow" and float(g.values[0]) == 1.0 and float(g.values[-1]) == 0.0
+
+
+def test_bad_guidance_settings_are_one_line_errors(pipes):
+    pipe = pipes["wan_flow"]
+    with pytest.raises(PipelineError, match=r"guidance_interval 0.9,0.2: give the noise levels .*flow times s"):
+        pipe.generate(PROMPTS[0], guidance_interval=(0.9, 0.2))
+    with pytest.raises(PipelineError, match="guidance_rescale must be in"):
+        pipe.generate(PROMPTS[0], guidance_rescale=2.0)
+    with pytest.raises(SamplingError, match="unknown sampling grid 'bogus'"):
+        pipe.generate(PROMPTS[0], grid="bogus")
+
+
+def test_cli_guidance_flags(runs, tmp_path, capsys):
+    folder = str(runs["wan_flow"][2])
+    out = tmp_path / "a.mp4"
+    assert cli.main(["generate", PROMPTS[0], "--model", folder, "--seed", "0", "--steps", "3", "--no-progress",
+                     "--guidance-rescale", "0.5", "--guidance-interval", "0.1,0.9", "--grid", "logsnr",
+                     "--out", str(out)]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # argparse's one-line usage error
+        cli.main(["generate", PROMPTS[0], "--model", folder, "--guidance-interval", "0.9"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--guidance-interval" in err and "LO,HI" in err and len(err.strip().splitlines()) == 1
+
+
+def test_trainer_refuses_a_validation_prompt_it_cannot_read_before_training(tmp_path):
+    long = " ".join(["the digit 1 moves up"] * 3)  # 16 tokens > text.max_length 12
+    cfg = tiny_config(tmp_path, "wan_flow")
+    cfg.train.validate_every, cfg.train.val_prompts = 1, [long]
+    with pytest.raises(PipelineError, match="prompt 0 is 16 tokens long"):
+        Trainer(cfg)
+    assert not (tmp_path / "wan_flow" / "checkpoints").exists()
+
+
+def test_old_config_keys_load_moved_and_are_named_on_the_command_line(tmp_path):
+    old = {"diffusion": {"paradigm": "flow", "shift": 3.0, "logit_mean": 0.3, "weighting": "linear"},
+           "train": {"val_steps": 7, "val_guidance": 2.5, "val_shift": 4.0}}
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(old))
+    cfg = load_config(TrainConfig, path)
+    f = cfg.diffusion.flow
+    assert (f.shift, f.weighting_slope, f.logit_mean, f.weighting) == (3.0, 3.0, 0.3, "linear")  # shift was both
+    assert (cfg.sampling.steps, cfg.sampling.guidance_scale, cfg.sampling.shift) == (7, 2.5, 4.0)
+    from dfm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'train.val_steps' is now 'sampling.steps'; write sampling.steps=3"):
+        load_config(TrainConfig, None, ["train.val_steps=3"])

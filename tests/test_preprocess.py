@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dfm.io
 from dfm.data import LatentDataset, MovingDigits, VideoFolder, collate
 from dfm.data.latents import LatentDataError
 from dfm.errors import UserError
@@ -171,14 +172,12 @@ def test_interrupted_run_leaves_complete_shards_and_resumes(tmp_path):
 
 
 def test_a_write_that_fails_midway_leaves_no_shard(tmp_path, monkeypatch):
-    import dfm.checkpoint
-
     def disk_full(tensors, filename, metadata=None):
         with open(filename, "wb") as handle:
             handle.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # the start of a header, then the disk is full
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(dfm.checkpoint, "_save_file", disk_full)  # under dfm.checkpoint.save_safetensors
+    monkeypatch.setattr(dfm.io, "_save_file", disk_full)  # under dfm.io.save_safetensors
     with pytest.raises(OSError, match="No space"):
         run(digits(6), tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["preprocess.json"]

@@ -3,7 +3,12 @@
 Float64 throughout unless a test is about dtypes, so that the errors measured are the methods', not rounding's.
 """
 
+import ast
+import dataclasses
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +17,24 @@ from scipy import integrate
 
 from dfm.diffusion import paths
 from dfm.diffusion.gmm import GaussianMixture
-from dfm.diffusion.multistep import EDM_METHODS
-from dfm.diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, lms_coefficient, sample, sample_flow
+from dfm.diffusion.samplers import (
+    FLOW_SAMPLERS,
+    SAMPLERS,
+    SamplingError,
+    lms_coefficient,
+    resolve_sampler,
+    sample,
+    sample_flow,
+    sampler_names,
+)
+from dfm.diffusion.sampling import guided_sample
+from dfm.diffusion.schedules import sampling_grid
+from dfm.errors import UserError
 
 F64 = torch.float64
 GAUSS = GaussianMixture(torch.tensor([[0.5, -1.0, 2.0]], dtype=F64), 0.7)  # one Gaussian: exact PF-ODE solution
 MIX = GaussianMixture.random((3,), components=3, std=0.4, seed=1)
-MULTISTEP = set(EDM_METHODS)  # multistep.py's methods, merged into SAMPLERS and FLOW_SAMPLERS
+MULTISTEP = {m for m, fn in SAMPLERS.items() if fn.__module__ == "dfm.diffusion.multistep"}  # in both tables
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -405,3 +421,101 @@ def test_bad_grids():
         sample(MIX.denoiser, x, torch.tensor([[1.0, 0.0]]), "euler")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         sample_flow(flow_velocity(MIX), x, torch.tensor([1.5, 0.0]), "euler")
+
+
+# --- the sampler table and resolve_sampler ------------------------------------------------------------------------
+
+
+def test_one_literal_table_of_every_sampler():
+    from dfm.diffusion.samplers import SAMPLER_TABLE
+
+    assert SAMPLER_TABLE["edm"] is SAMPLERS and SAMPLER_TABLE["flow"] is FLOW_SAMPLERS and set(SAMPLER_TABLE) == {"edm", "flow"}
+    multistep = {"dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc"}
+    assert set(SAMPLERS) == {"euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2s_ancestral", "ddim", "ddpm",
+                             "rk4"} | multistep
+    assert set(FLOW_SAMPLERS) == {"euler", "heun", "midpoint", "rk4", "dopri5"} | multistep
+    assert MULTISTEP == multistep
+    # written as one dict literal, and no sampler module imports samplers.py back (nothing adds to the table)
+    root = Path(__file__).resolve().parents[1] / "dfm" / "diffusion"
+    tree = ast.parse((root / "samplers.py").read_text())
+    [table] = [n for n in tree.body if isinstance(n, ast.AnnAssign) and n.target.id == "SAMPLER_TABLE"]
+    assert isinstance(table.value, ast.Dict) and all(isinstance(v, ast.Dict) for v in table.value.values)
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "update"]
+    for name in ("flow_samplers.py", "multistep.py"):
+        for node in ast.walk(ast.parse((root / name).read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [getattr(node, "module", None) or ""] + [a.name for a in node.names]
+                assert not {"samplers", "dfm.diffusion.samplers"} & set(names), (name, node.lineno)
+
+
+def test_importing_the_other_modules_leaves_the_table_as_it_is():
+    code = ("import dfm.diffusion.samplers as s; before = {k: dict(v) for k, v in s.SAMPLER_TABLE.items()}; "
+            "import dfm.diffusion.sampling, dfm.diffusion.schedules, dfm.diffusion.guidance, dfm.diffusion.edm, "
+            "dfm.diffusion.flow, dfm.diffusion.multistep, dfm.diffusion.flow_samplers; "
+            "assert {k: dict(v) for k, v in s.SAMPLER_TABLE.items()} == before; print(sum(map(len, before.values())))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["24"]
+
+
+def test_resolve_sampler_once():
+    s = resolve_sampler("flow:unipc", "flow", {"order": 3})
+    assert (s.space, s.method, s.options, s.fn, s.name) == ("flow", "unipc", {"order": 3}, FLOW_SAMPLERS["unipc"],
+                                                           "flow:unipc")
+    assert resolve_sampler("auto", "flow").name == "flow:euler" and resolve_sampler("auto", "edm").name == "edm:heun"
+    assert resolve_sampler("euler", "flow").name == "flow:euler" and resolve_sampler("euler", "edm").name == "edm:euler"
+    assert resolve_sampler("lms", "flow").name == "edm:lms"  # only in the EDM space
+    assert resolve_sampler("midpoint", "edm").name == "flow:midpoint"
+    assert resolve_sampler(s.name, "edm") == resolve_sampler("flow:unipc", "flow")  # the name reads back
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.method = "euler"
+    assert sampler_names("edm")[0].startswith("edm:") and len(sampler_names("flow")) == 24
+
+
+def test_resolve_sampler_errors_are_one_line():
+    with pytest.raises(SamplingError, match=r"unknown sampler 'flow:lms'; use one of: flow:dopri5, .*edm:unipc \(or a "
+                                            r"bare name, looked up in the flow space first\)") as e:
+        resolve_sampler("flow:lms", "flow")
+    assert "\n" not in str(e.value) and isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+    with pytest.raises(SamplingError, match="^edm sampler 'heun' has no option 'eta'; its options are: s_churn, s_tmin, "
+                                            "s_tmax, s_noise$") as e:
+        resolve_sampler("heun", "edm", {"eta": 1.0})
+    assert "\n" not in str(e.value)
+    with pytest.raises(SamplingError, match="^flow sampler 'euler' has no option 'order'; it takes no options$"):
+        resolve_sampler("auto", "flow", {"order": 2})
+    with pytest.raises(SamplingError, match="unknown paradigm 've'; use one of: flow, edm"):
+        resolve_sampler("euler", "ve")
+
+
+# --- guided_sample: CFG, guidance rescale and the guidance interval ---------------------------------------------------
+
+GUIDE_A, GUIDE_B = GaussianMixture.random((2, 3), seed=3), GaussianMixture.random((2, 3), seed=4)
+
+
+def labelled(x, sigma, label):
+    """The exact denoiser of mixture A for label 1 and of mixture B for label 0 (a conditional 'model')."""
+    return torch.where(paths.append_dims(label == 1, x.ndim), GUIDE_A.denoiser(x, sigma), GUIDE_B.denoiser(x, sigma))
+
+
+@pytest.mark.parametrize("paradigm,grid,sampler", [
+    ("edm", ("karras", dict(sigma_min=0.002, sigma_max=80.0)), "heun"),
+    ("flow", ("flow_shifted", dict(shift=3.0)), "euler"),
+    ("flow", ("flow_shifted", dict(shift=3.0)), "edm:dpmpp_2m"),
+])
+def test_guided_sample_rescale_and_interval(paradigm, grid, sampler):
+    noise = torch.randn(2, 2, 3, generator=torch.Generator().manual_seed(0))
+    cond, uncond = {"label": torch.ones(2)}, {"label": torch.zeros(2)}
+    smp, g = resolve_sampler(sampler, paradigm), sampling_grid(grid[0], 8, **grid[1])
+    run = lambda **kw: guided_sample(labelled, noise, g, smp, cond=cond, uncond=uncond, guidance_scale=4.0, **kw)  # noqa: E731
+    plain, nfe = run()
+    assert nfe == {"heun": 15, "euler": 8, "edm:dpmpp_2m": 8}[sampler] and torch.isfinite(plain).all()
+    # the defaults are plain CFG, bit for bit
+    for kw in ({"rescale": 0.0}, {"interval": (0.0, math.inf)}, {"interval": None, "rescale_space": "eps"}):
+        assert torch.equal(run(**kw)[0], plain), kw
+    for kw in ({"rescale": 0.7}, {"rescale": 0.7, "rescale_space": "flow"}, {"interval": (0.3, 5.0)}):
+        assert (run(**kw)[0] - plain).abs().max() > 1e-3, kw
+    # an interval that no step falls into is the conditional model alone (w = 1), one forward of batch 2 per NFE
+    calls = []
+    spy_model = lambda x, sigma, label: calls.append(x.shape[0]) or labelled(x, sigma, label)  # noqa: E731
+    outside, _ = guided_sample(spy_model, noise, g, smp, cond=cond, uncond=uncond, guidance_scale=4.0, interval=(1e7, 1e8))
+    alone, _ = guided_sample(labelled, noise, g, smp, cond=cond, guidance_scale=1.0)
+    assert torch.equal(outside, alone) and set(calls) == {2}

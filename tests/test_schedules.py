@@ -9,10 +9,13 @@ from diffusers import (
     EDMEulerScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 
 from dfm.diffusion import schedules as S
 from dfm.diffusion.paths import sigma_to_flow_t
+from dfm.diffusion.samplers import SamplingError
+from dfm.errors import UserError
 
 # diffusers' defaults, plus Stable Diffusion's scaled_linear betas
 BETAS = {
@@ -44,7 +47,7 @@ def assert_grid(sigmas, n):
 def test_edm_grids_match_diffusers_edm_euler(name, n):
     ref = EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_schedule=name)
     ref.set_timesteps(n)
-    sigmas = S.get_sigmas(name, n, sigma_min=0.002, sigma_max=80.0)
+    sigmas = S.sampling_grid(name, n, sigma_min=0.002, sigma_max=80.0).sigmas()
     torch.testing.assert_close(sigmas, ref.sigmas, rtol=1e-6, atol=0)
 
 
@@ -216,11 +219,23 @@ def test_flow_uniform_and_shift_endpoints():
 
 def test_flow_grid_in_edm_sigmas_round_trips():
     s = S.flow_shifted(20, shift=3.0)
-    sigmas = S.get_sigmas("flow", 20, shift=3.0)
-    assert math.isinf(sigmas[0].item()) and sigmas[-1].item() == 0.0
+    grid = S.sampling_grid("flow_shifted", 20, shift=3.0)
+    assert grid.kind == "flow" and torch.equal(grid.flow_times(), s)
+    assert math.isinf(S.flow_to_edm(grid.values)[0].item())  # s = 1 is sigma = inf ...
+    sigmas = grid.sigmas()
+    assert sigmas[0].item() == S.SIGMA_INF and sigmas[-1].item() == 0.0  # ... evaluated at SIGMA_INF
     assert (sigmas[1:] < sigmas[:-1]).all()
     torch.testing.assert_close(sigmas[1:-1], s[1:-1] / (1 - s[1:-1]))
-    torch.testing.assert_close(sigma_to_flow_t(sigmas), s, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sigma_to_flow_t(sigmas[1:]), s[1:], rtol=0, atol=1e-6)
+    assert sigma_to_flow_t(sigmas[:1].double()).item() == pytest.approx(1 - 1e-6, abs=1e-11)  # s = 1 - 1e-6
+
+
+@pytest.mark.parametrize("n,shift", [(4, 1.0), (10, 5.0), (25, 3.0)])
+def test_flow_unipc_grid_matches_diffusers_unipc_flow_sigmas(n, shift):
+    ref = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift)
+    ref.set_timesteps(n)
+    grid = S.sampling_grid("flow_unipc", n, shift=shift)
+    torch.testing.assert_close(grid.flow_times(), ref.sigmas, rtol=0, atol=0)
 
 
 # --- learned schedule -------------------------------------------------------------------------------------------
@@ -233,7 +248,7 @@ def test_learned_schedule_endpoints_monotone_and_grid():
     sigma = sched.sigma(t)
     assert sigma[0].item() == pytest.approx(0.002, rel=1e-4) and sigma[-1].item() == pytest.approx(80.0, rel=1e-4)
     assert (sigma.diff() > 0).all()
-    grid = S.get_sigmas("learned", 16, schedule=sched)
+    grid = S.sampling_grid("learned", 16, schedule=sched).sigmas()
     assert_grid(grid, 16)
     assert grid[0].item() == pytest.approx(80.0, rel=1e-4) and grid[-2].item() == pytest.approx(0.002, rel=1e-4)
 
@@ -288,12 +303,62 @@ def test_learned_schedule_sample_is_seeded_and_in_range():
     assert (a >= 0.002 * (1 - 1e-4)).all() and (a <= 80.0 * (1 + 1e-4)).all()
 
 
-# --- registry ---------------------------------------------------------------------------------------------------
+# --- the grid registry -----------------------------------------------------------------------------------------
 
 
-def test_get_sigmas_dispatches_and_lists_names_on_typo():
-    torch.testing.assert_close(S.get_sigmas("karras", 7, sigma_min=0.1, sigma_max=10.0), S.karras(7, 0.1, 10.0))
-    torch.testing.assert_close(S.get_sigmas("discrete", 7, spacing="trailing"), S.discrete(7, spacing="trailing"))
-    with pytest.raises(ValueError, match="karras, exponential, polyexponential") as err:
-        S.get_sigmas("karas", 7)
+def grid_params(name):
+    """What each grid needs beyond the defaults (the learned one: a schedule)."""
+    if name == "learned":
+        torch.manual_seed(0)
+        return {"schedule": S.LearnedSchedule()}
+    return {}
+
+
+@pytest.mark.parametrize("name", list(S.GRIDS))
+@pytest.mark.parametrize("n", [1, 2, 9])
+def test_every_grid_is_descending_and_ends_in_zero(name, n):
+    grid = S.sampling_grid(name, n, **grid_params(name))
+    assert isinstance(grid, S.Grid) and grid.kind in ("flow", "edm") and grid.kind == S.GRIDS[name].kind
+    assert grid.values.dtype == torch.float64 and grid.steps == n
+    assert_grid(grid.values, n)
+    assert_grid(grid.sigmas(), n)
+    assert_grid(grid.flow_times(), n)
+    if grid.kind == "flow":
+        assert grid.values[0].item() <= 1.0
+
+
+def test_logsnr_grids_are_the_benchmarks_winning_grid():
+    """benchmarks/samplers.py's few-step grid: exponential(n, 0.05, 80); for a flow model s = 1, then those levels."""
+    for n in (1, 5, 10, 20):
+        edm = S.sampling_grid("logsnr", n)
+        assert edm.kind == "edm" and torch.equal(edm.sigmas(), S.exponential(n, 0.05, 80.0))
+        sig = S.exponential(n, 0.05, 80.0, dtype=torch.float64)[1:]
+        ts = torch.cat([torch.ones(1, dtype=torch.float64), sig / (1 + sig)]).float()
+        flow = S.sampling_grid("flow_logsnr", n)
+        assert flow.kind == "flow" and torch.equal(flow.flow_times(), ts)
+        assert torch.equal(flow.values[1:], edm.values[1:] / (1 + edm.values[1:]))  # the same levels below sigma_max
+    torch.testing.assert_close(S.sampling_grid("logsnr", 6, sigma_min=0.1, sigma_max=10.0).values,
+                               S.exponential(6, 0.1, 10.0, dtype=torch.float64), rtol=0, atol=0)
+    start = S.sampling_grid("flow_logsnr", 4).start(torch.ones(1, 2), "flow")
+    assert torch.equal(start, torch.ones(1, 2))  # s = 1: the flow state is the noise itself
+
+
+def test_sampling_grid_dispatches_and_lists_names_on_typo():
+    f64 = torch.float64
+    torch.testing.assert_close(S.sampling_grid("karras", 7, sigma_min=0.1, sigma_max=10.0).values,
+                               S.karras(7, 0.1, 10.0, dtype=f64), rtol=0, atol=0)
+    torch.testing.assert_close(S.sampling_grid("discrete", 7, spacing="trailing").values,
+                               S.discrete(7, spacing="trailing", dtype=f64), rtol=0, atol=0)
+    # a parameter of other grids is ignored (one call passes a recipe's whole set): shift means nothing to karras
+    assert torch.equal(S.sampling_grid("karras", 5, shift=3.0, num_train_timesteps=1000).values,
+                       S.sampling_grid("karras", 5).values)
+    with pytest.raises(SamplingError, match="unknown sampling grid 'karas'; use one of: flow_shifted, .*karras, "
+                                            "logsnr, flow_logsnr, exponential, polyexponential") as err:
+        S.sampling_grid("karas", 7)
+    assert "\n" not in str(err.value) and isinstance(err.value, UserError) and isinstance(err.value, ValueError)
+    with pytest.raises(SamplingError, match="no sampling grid takes 'sigma_mn'; 'karras' takes: sigma_min, sigma_max, "
+                                            "rho") as err:
+        S.sampling_grid("karras", 7, sigma_mn=0.1)
     assert "\n" not in str(err.value)
+    with pytest.raises(SamplingError, match="'learned' needs 'schedule'"):
+        S.sampling_grid("learned", 7)

@@ -16,20 +16,11 @@ import yaml
 
 from dfm import cli
 from dfm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from dfm.config import ConfigError, load_config
-from dfm.train import (
-    DiffusionModule,
-    OptimConfig,
-    StepBatches,
-    TrainConfig,
-    backbone_config,
-    build_text_encoder,
-    config_changes,
-    config_yaml,
-    keep_captions,
-    lr_at,
-    train,
-)
+from dfm.config import ConfigError, config_yaml, load_config
+from dfm.model import DiffusionModule, backbone_config, build_text_encoder
+from dfm.training import OptimConfig, StepBatches, TrainConfig, lr_at, train
+from dfm.training.config import config_changes
+from dfm.training.data import GlobalOrder, build_dataset, keep_captions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +66,7 @@ def run_cli(*args, env_code: str = "", timeout=120) -> subprocess.CompletedProce
 def reference(tmp_path_factory):
     """6 uninterrupted steps (with a validation pass at step 6): per-step losses and final weights."""
     tmp = tmp_path_factory.mktemp("reference")
-    cfg = tiny(tmp, "ref", "train.validate_every=6", "train.val_steps=2",
+    cfg = tiny(tmp, "ref", "train.validate_every=6", "sampling.steps=2",
                "train.val_prompts=[the digit 1 moves up, the digit 2 moves down]")
     result = train(cfg)
     out = Path(cfg.train.output_dir)
@@ -149,7 +140,7 @@ def test_config_changes_edge_cases(tmp_path):
 
 
 KILL_AT_STEP = """
-import os, signal, dfm.train as T
+import os, signal, dfm.training.trainer as T
 _step = T.Trainer.train_step
 def train_step(self, step, micro):
     if step + 1 == {step}:
@@ -265,7 +256,6 @@ def test_corrupt_video_in_folder_is_skipped(tmp_path):
 
 
 def test_folder_aspect_buckets_give_single_shape_batches(tmp_path):
-    from dfm.train import GlobalOrder, build_dataset
     from dfm.video import write_video
 
     root = tmp_path / "videos"
@@ -293,7 +283,7 @@ def test_max_minutes_stops_with_a_checkpoint(tmp_path):
 
 def test_wan_backbone_with_edm_and_zeros_null(tmp_path):
     cfg = tiny(tmp_path, "edm", "train.max_steps=2", "train.grad_accum=2", "text.null=zeros",
-               "diffusion.paradigm=edm", "train.validate_every=2", "train.val_steps=2",
+               "diffusion.paradigm=edm", "train.validate_every=2", "sampling.steps=2",
                "train.val_prompts=[the digit 4 moves up]")
     result = train(cfg)
     assert math.isfinite(result["loss"])
@@ -306,8 +296,8 @@ def test_checkpoint_loads_into_a_fresh_module(reference):
     vocab = json.loads((ckpt / "text.json").read_text())["vocab"]
     from dfm.models import WanModel
 
-    text = build_text_encoder(cfg, vocab)
-    module = DiffusionModule(WanModel(backbone_config(cfg, 3, text.dim)), text, cfg.diffusion)
+    text = build_text_encoder(cfg.text, vocab)
+    module = DiffusionModule(WanModel(backbone_config(cfg.model, 3, text.dim)), text, cfg.diffusion)
     module.load_state_dict(load_checkpoint(ckpt)["ema"])
 
 

@@ -22,7 +22,7 @@ from dfm.data import MovingDigits  # noqa: E402
 from dfm.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from dfm.preprocess import preprocess  # noqa: E402
 from dfm.text import load_text_encoder  # noqa: E402
-from dfm.train import Trainer, train  # noqa: E402
+from dfm.training import Trainer, train  # noqa: E402
 from dfm.vae import IdentityVAE  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def latents(t5, tmp_path_factory) -> Path:
 
 
 def test_train_on_preprocessed_latents_with_a_frozen_encoder(t5, latents, tmp_path):
-    cfg = tiny(tmp_path, "lat", "train.max_steps=2", "train.validate_every=2", "train.val_steps=2",
+    cfg = tiny(tmp_path, "lat", "train.max_steps=2", "train.validate_every=2", "sampling.steps=2",
                "train.val_prompts=[the digit 1 moves up]", f"text.encoder={t5}", "text.dropout=0.9",
                data={"dataset": "latents", "root": str(latents)})
     trainer = Trainer(cfg)

@@ -14,8 +14,9 @@ import torch
 
 from dfm import cli
 from dfm.config import ConfigError, load_config
+from dfm.data import MovingDigits
 from dfm.errors import UserError
-from dfm.train_vae import VAETrainConfig, psnr, train_vae
+from dfm.training.vae_trainer import VAETrainConfig, psnr, train_vae
 from dfm.vae import (
     CausalVAE,
     CausalVAEConfig,
@@ -25,6 +26,7 @@ from dfm.vae import (
     fit_latent_stats,
     load_vae,
 )
+from dfm.video import read_video
 
 
 def tiny_vae(spatial=4, temporal=2, channels=4, base=4, seed=0, res=1) -> CausalVAE:
@@ -44,8 +46,6 @@ def video(batch=2, frames=9, size=16, seed=0) -> torch.Tensor:
 
 
 def digits(frames, size, count=2, digits=2) -> torch.Tensor:
-    from dfm.data import MovingDigits
-
     data = MovingDigits(num_frames=frames, size=size, num_digits=digits, colors=["red", "cyan"], length=count)
     return torch.stack([data[i]["video"] for i in range(count)])
 
@@ -376,35 +376,35 @@ def test_psnr():
 
 
 def test_trainer_uses_a_frozen_vae_folder(tmp_path):
-    from dfm.train import TrainConfig, build_autoencoder
+    from dfm.model import build_autoencoder
+    from dfm.training import TrainConfig
 
     tiny_vae(channels=2).save_pretrained(tmp_path / "vae")
     cfg = load_config(TrainConfig, None, [f"autoencoder.name={tmp_path / 'vae'}", "data.num_frames=5", "data.size=8"])
-    vae = build_autoencoder(cfg)
+    clip = lambda: (cfg.data.num_frames, cfg.data.size, cfg.data.size)  # noqa: E731  (what the trainer passes)
+    vae = build_autoencoder(cfg.autoencoder, clip())
     assert isinstance(vae, CausalVAE) and vae.channels == 2 and not vae.training
     assert not any(p.requires_grad for p in vae.parameters())
     cfg.data.num_frames = 8
     with pytest.raises(ConfigError, match="autoencoder.name=.*1 \\+ 2\\*n frames"):
-        build_autoencoder(cfg)
+        build_autoencoder(cfg.autoencoder, clip())
     cfg.autoencoder.name = "identity"
-    assert isinstance(build_autoencoder(cfg), IdentityVAE)
+    assert isinstance(build_autoencoder(cfg.autoencoder, clip()), IdentityVAE)
 
 
 def test_diffusion_training_runs_in_the_latent_space_of_a_vae_folder(tmp_path):
     """dfm train with autoencoder.name=FOLDER: the backbone sees 2-channel latents [2, 3, 4, 4] and validation
     decodes them back to 5-frame 16x16 videos."""
-    from dfm.train import TrainConfig, train
+    from dfm.training import TrainConfig, train
 
     tiny_vae(channels=2).save_pretrained(tmp_path / "vae")
     cfg = load_config(TrainConfig, None, [
         f"autoencoder.name={tmp_path / 'vae'}", "data.num_frames=5", "data.size=16", "data.length=8",
         "model.arch=wan", "model.size=tiny", "model.overrides={num_layers: 1}", "text.dim=16", "text.layers=1",
         "text.heads=2", "text.max_length=16", "train.max_steps=2", "train.batch_size=2", "train.progress=false",
-        f"train.output_dir={tmp_path / 'run'}", "train.validate_every=2", "train.val_steps=2",
+        f"train.output_dir={tmp_path / 'run'}", "train.validate_every=2", "sampling.steps=2",
         "train.val_prompts=[the digit 1 moves up]", "train.tensorboard=false"])
     result = train(cfg)
     assert result["step"] == 2 and math.isfinite(result["loss"])
-    from dfm.video import read_video
-
     sample = read_video(tmp_path / "run" / "samples" / "step_00000002" / "00.mp4")
     assert tuple(sample.shape) == (3, 5, 16, 16)

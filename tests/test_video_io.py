@@ -1,10 +1,15 @@
-"""dfm.video: write/read round trips, frame sampling, resize/crop, atomic writes, contact sheets."""
+"""dfm.video: write/read round trips, frame sampling, resize/crop, atomic writes (dfm.io), contact sheets."""
+
+import os
+import stat
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import dfm.video as video_module
+from dfm.io import atomic_path, write_text_atomic, written_file_mode
 from dfm.video import (
     VideoInfo,
     frame_indices,
@@ -97,8 +102,6 @@ def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
     write_video(target, smooth_clip(), fps=8)
     before = target.read_bytes()
 
-    import dfm.video as video_module
-
     def crash(*args, **kwargs):
         raise RuntimeError("encoder crashed")
 
@@ -171,10 +174,22 @@ def test_webm_without_frame_count_is_probed_and_read(tmp_path):
 
 
 def test_written_files_get_the_usual_mode(tmp_path):
-    import os
-    import stat
-
     path = write_video(tmp_path / "clip.mp4", torch.zeros(3, 2, 8, 8))
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # not mkstemp's private 0600
+
+
+def test_atomic_text_write_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "sub" / "notes.txt"
+    assert write_text_atomic(target, "first\n") == target  # the folder is created
+    with pytest.raises(RuntimeError, match="crash"):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == target.parent and tmp.suffix == ".txt" and tmp != target
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "first\n"  # old file untouched
+    assert [p.name for p in target.parent.iterdir()] == ["notes.txt"]  # no temp file left
+    write_text_atomic(target, "second\n")
+    assert target.read_text() == "second\n"
+    assert stat.S_IMODE(target.stat().st_mode) == written_file_mode()

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
-from dfm.errors import UserError
+from dfm.errors import UserError, first_line
 
 FORMAT = "dfm-latents-1"
 INDEX = "index.json"
@@ -47,7 +47,7 @@ class LatentDataError(UserError, ValueError):
 
 def _reason(error: BaseException) -> str:
     """"TypeName: first line of the message", for one-line errors."""
-    text = str(error).splitlines()[0] if str(error) else ""
+    text = first_line(error, empty="")
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 

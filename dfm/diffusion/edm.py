@@ -27,8 +27,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from dfm.diffusion.noise import rand, randn
-from dfm.diffusion.noise import Generator, randn_like
+from dfm.diffusion.noise import Generator, rand, randn, randn_like
 from dfm.diffusion.paths import append_dims
 
 Tensor = torch.Tensor

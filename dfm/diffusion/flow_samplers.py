@@ -2,6 +2,9 @@
 
     sample_flow_<name>(velocity, x, ts, *, generator=None, callback=None, **options) -> x at ts[-1] [B, ...]
 
+(Their table, with the multistep flow solvers of multistep.py, is dfm.diffusion.samplers.FLOW_SAMPLERS; run one by
+name with samplers.sample_flow.)
+
 - ``velocity(x [B, ...], t [B]) -> v [B, ...]`` on the path x_t = (1 - t) x0 + t eps with v = eps - x0
   (rectified flow, SD3, Wan); t is float32 at least.
 - ``ts`` is 1-D, descending from <= 1 to (normally) 0; with ts[0] == 1 the initial x is pure noise.
@@ -21,12 +24,10 @@ needs an adapter that is finite at s = 0.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from .paths import Velocity
-from .sampler_api import grid_floats, resolve, working_dtype
+from .paths import Velocity, flow_x0
+from .sampler_api import grid_floats, working_dtype
 
 Tensor = torch.Tensor
 
@@ -52,7 +53,7 @@ class _Counted:
 
 def _callback(callback, v: _Counted, x, i, t, t_next, velocity):
     if callback is not None:
-        callback({"x": x, "i": i, "t": t, "t_next": t_next, "denoised": x - t * velocity, "nfe": v.nfe})
+        callback({"x": x, "i": i, "t": t, "t_next": t_next, "denoised": flow_x0(x, t, velocity), "nfe": v.nfe})
 
 
 def sample_flow_euler(velocity, x, ts, *, generator=None, callback=None):
@@ -135,23 +136,3 @@ def sample_flow_dopri5(velocity, x, ts, *, generator=None, callback=None, rtol=1
         _callback(callback, v, x, i, t[i], t[i + 1], first[0])
         x = x_next
     return x.to(dtype)
-
-
-FLOW_SAMPLERS: dict[str, Callable] = {
-    "euler": sample_flow_euler,
-    "heun": sample_flow_heun,
-    "midpoint": sample_flow_midpoint,
-    "rk4": sample_flow_rk4,
-    "dopri5": sample_flow_dopri5,
-}
-
-
-def sample_flow(velocity, x, ts, method="euler", generator=None, callback=None, **options):
-    """Run FLOW_SAMPLERS[method] from x (pure noise when ts[0] == 1) down the flow-time grid `ts`."""
-    fn = resolve(FLOW_SAMPLERS, method, options, kind="flow sampler")
-    return fn(velocity, x, ts, generator=generator, callback=callback, **options)
-
-
-from .multistep import FLOW_METHODS  # noqa: E402  DPM-Solver++ and UniPC in flow coordinates
-
-FLOW_SAMPLERS.update(FLOW_METHODS)

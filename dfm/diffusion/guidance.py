@@ -69,7 +69,7 @@ class CFGDenoiser:
     cond:          the positive conditioning (batch B)
     uncond:        the unconditional one (empty prompt / null label, batch B); needed unless a two-branch
                    `negative` takes its place, or w = 1
-    scale:         w; w = 1 is the conditional model (one forward)
+    guidance_scale: w; w = 1 is the conditional model (one forward)
     negative:      a negative prompt's conditioning (batch B): it replaces `uncond` (as in diffusers), or, with
                    `three_branch=True`, forms D_u + w (D_c - D_n) with uncond, cond and negative in one batch of 3B
     rescale:       phi of Lin et al. 2023 (0 = plain CFG), measured in `rescale_space`
@@ -82,7 +82,7 @@ class CFGDenoiser:
         cond: dict,
         uncond: dict | None = None,
         *,
-        scale: float = 5.0,
+        guidance_scale: float,
         negative: dict | None = None,
         three_branch: bool = False,
         rescale: float = 0.0,
@@ -93,10 +93,10 @@ class CFGDenoiser:
             raise ValueError(f"unknown rescale_space {rescale_space!r}; use one of {tuple(RESCALE_SPACES)}")
         if three_branch and (uncond is None or negative is None):
             raise ValueError("three_branch guidance needs both uncond and negative")
-        if scale != 1 and uncond is None and negative is None:
-            raise ValueError(f"guidance scale {scale} needs an uncond (or negative) conditioning")
+        if guidance_scale != 1 and uncond is None and negative is None:
+            raise ValueError(f"guidance scale {guidance_scale} needs an uncond (or negative) conditioning")
         self.model, self.cond, self.uncond, self.negative = model, cond, uncond, negative
-        self.scale, self.three_branch = scale, three_branch
+        self.scale, self.three_branch = guidance_scale, three_branch
         self.rescale, self.rescale_space = rescale, rescale_space
         self.sigma_lo, self.sigma_hi = interval
 

@@ -23,13 +23,14 @@ and gives the same samples on matching grids (sigma_edm = t / (1 - t)). Two ends
 
 A grid may also end at sigma > 0 (diffusers' final_sigmas_type="sigma_min"); the sampler then returns x there.
 
-Entry points (see EDM_METHODS and FLOW_METHODS at the bottom):
+Entry points, one per method and space (sample_<name> and sample_flow_<name> at the bottom; the table that names
+them is dfm.diffusion.samplers.SAMPLER_TABLE):
 
-    EDM_METHODS[name](denoiser, x, sigmas, *, generator=None, callback=None, **options)
+    sample_<name>(denoiser, x, sigmas, *, generator=None, callback=None, **options)
         denoiser(x [B, ...], sigma [B]) -> x0_hat; sigmas 1-D descending (last may be 0); x starts as
         noise * sigmas[0] (k-diffusion's convention). callback receives
         {"x", "i", "sigma", "sigma_hat", "denoised", "nfe"} once per step, before the step is taken.
-    FLOW_METHODS[name](velocity, x, ts, *, generator=None, callback=None, **options)
+    sample_flow_<name>(velocity, x, ts, *, generator=None, callback=None, **options)
         velocity(x_t [B, ...], t [B]) -> v = eps - x0; ts 1-D descending from <= 1 to >= 0; x starts as noise when
         ts[0] = 1. callback receives {"x", "i", "t", "t_next", "denoised", "nfe"}, as the single-step flow solvers.
 
@@ -46,7 +47,7 @@ from typing import Callable, Sequence
 import torch
 
 from .noise import Generator, randn_like
-from .paths import Denoiser, Velocity, append_dims
+from .paths import Denoiser, Velocity, append_dims, flow_x0
 
 Tensor = torch.Tensor
 Callback = Callable[[dict], None] | None
@@ -122,7 +123,7 @@ def _flow_grid(velocity: Velocity, x: Tensor, ts: Tensor, callback: Callback) ->
     def x0(x: Tensor, i: int) -> Tensor:
         nfe[0] += 1
         t = ts[i].expand(x.shape[0])  # [B]
-        return x - append_dims(t, x.ndim).to(x.dtype) * velocity(x, t)
+        return flow_x0(x, append_dims(t, x.ndim).to(x.dtype), velocity(x, t))
 
     def report(i: int, x: Tensor, x0: Tensor) -> None:
         if callback is not None:  # the keys of the single-step flow solvers (flow_samplers.py)
@@ -418,34 +419,35 @@ def unipc(
     return x
 
 
-# --- registries ------------------------------------------------------------------------------------------------
-
-_METHODS = {
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_3m": dpmpp_3m,
-    "dpmpp_2m_sde": dpmpp_2m_sde,
-    "dpmpp_3m_sde": dpmpp_3m_sde,
-    "unipc": unipc,
-}
+# --- the samplers, one per method and space (their table: dfm.diffusion.samplers.SAMPLER_TABLE) ---------------
 
 
 def _on_edm(method):
-    @functools.wraps(method)
+    """method(grid, x, ...) as an EDM sampler (denoiser, x, sigmas, *, generator=None, callback=None, **options)."""
+
+    @functools.wraps(method)  # inspect.signature follows it: the options are the method's keywords
     def sample(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None,
                callback: Callback = None, **options) -> Tensor:
         return method(_edm_grid(denoiser, x, sigmas, callback), x, generator=generator, **options)
 
+    sample.__name__ = sample.__qualname__ = f"sample_{method.__name__}"
     return sample
 
 
 def _on_flow(method):
+    """method(grid, x, ...) as a flow sampler (velocity, x, ts, *, generator=None, callback=None, **options)."""
+
     @functools.wraps(method)
     def sample(velocity: Velocity, x: Tensor, ts: Tensor, *, generator: Generator = None,
                callback: Callback = None, **options) -> Tensor:
         return method(_flow_grid(velocity, x, ts, callback), x, generator=generator, **options)
 
+    sample.__name__ = sample.__qualname__ = f"sample_flow_{method.__name__}"
     return sample
 
 
-EDM_METHODS: dict[str, Callable[..., Tensor]] = {name: _on_edm(fn) for name, fn in _METHODS.items()}
-FLOW_METHODS: dict[str, Callable[..., Tensor]] = {name: _on_flow(fn) for name, fn in _METHODS.items()}
+sample_dpmpp_2m, sample_flow_dpmpp_2m = _on_edm(dpmpp_2m), _on_flow(dpmpp_2m)
+sample_dpmpp_3m, sample_flow_dpmpp_3m = _on_edm(dpmpp_3m), _on_flow(dpmpp_3m)
+sample_dpmpp_2m_sde, sample_flow_dpmpp_2m_sde = _on_edm(dpmpp_2m_sde), _on_flow(dpmpp_2m_sde)
+sample_dpmpp_3m_sde, sample_flow_dpmpp_3m_sde = _on_edm(dpmpp_3m_sde), _on_flow(dpmpp_3m_sde)
+sample_unipc, sample_flow_unipc = _on_edm(unipc), _on_flow(unipc)

@@ -1,6 +1,6 @@
 """Gaussian paths x_t = alpha * x0 + sigma * eps, and exact conversions between model outputs.
 
-Every model in dfm lives on one of three paths (design.md, "One core, two paradigms"):
+Every model in dfm lives on one of three paths:
 
     path   alpha                 sigma                  time
     ve     1                     sigma                  sigma in (0, inf)       (EDM, Karras et al. 2022)
@@ -80,10 +80,19 @@ def to_x0(pred: Tensor, prediction: str, x: Tensor, alpha: Tensor, sigma: Tensor
     if prediction == "v":
         return (alpha * x - sigma * pred) / (alpha**2 + sigma**2)
     if prediction == "flow":
-        return x - sigma * pred
+        return flow_x0(x, sigma, pred)
     if prediction == "score":
         return (x + sigma**2 * pred) / alpha
     raise ValueError(f"unknown prediction {prediction!r}; use one of {PREDICTIONS}")
+
+
+def flow_x0(x_s: Tensor, s: Tensor | float, v: Tensor) -> Tensor:
+    """x0 = x_s - s * v: the data estimate of a flow velocity v = eps - x0 at x_s = (1 - s) x0 + s eps.
+
+    The one place this is written (to_x0, denoiser_from_velocity and the flow samplers call it). `s` is a float or a
+    tensor broadcastable to x_s (append_dims a per-sample [B] first); dtypes promote as in `x_s - s * v`.
+    """
+    return x_s - s * v
 
 
 def from_x0(x0: Tensor, prediction: str, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -126,8 +135,23 @@ def as_denoiser(model_fn: Callable[[Tensor, Tensor], Tensor], prediction: str, p
 
 
 def denoiser_from_velocity(velocity: Velocity) -> Denoiser:
-    """A flow-matching velocity model v(x_t, s) as an EDM denoiser: s = sigma/(1+sigma), x0 = x_t - s*v."""
-    return as_denoiser(lambda x_t, sigma: velocity(x_t, sigma_to_flow_t(sigma)), "flow", "flow")
+    """A flow-matching velocity model v(x_s, s) as an EDM denoiser D(x_edm, sigma) = x_s - s * v(x_s, s).
+
+    s = sigma / (1 + sigma) (sigma = inf -> s = 1) and x_s = x_edm / (1 + sigma) = (1 - s) x_edm. sigma: a number,
+    [1] or [B]; it is made [B] in float32 at least (fp32 even when the network runs in bf16: the time stays fp32),
+    and v comes back as float32 at least. This is the flow paradigm's `denoise` (dfm.model.DiffusionModule), with
+    the backbone's timestep scale applied inside `velocity`: ``lambda x_s, s: net(x_s, s * 1000, **cond)``.
+    """
+
+    def denoiser(x: Tensor, sigma: Tensor | float) -> Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device)
+        sigma = sigma.to(torch.promote_types(sigma.dtype, torch.float32)).reshape(-1).expand(x.shape[0])  # [B]
+        s = sigma_to_flow_t(sigma)  # [B]
+        x_s = x / append_dims(1 + sigma, x.ndim)  # x_edm * (1 - s)
+        v = velocity(x_s, s)  # [B, ...]
+        return flow_x0(x_s, append_dims(s, x.ndim), v.to(torch.promote_types(v.dtype, torch.float32)))
+
+    return denoiser
 
 
 def velocity_from_denoiser(denoiser: Denoiser, sigma_max: float = 1e3, s_min: float = 1e-4) -> Velocity:

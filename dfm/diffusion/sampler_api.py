@@ -1,16 +1,20 @@
-"""The sampler contract shared by samplers.py, flow_samplers.py and multistep.py: grid checks, precision, lookup.
+"""The sampler contract shared by samplers.py, flow_samplers.py, multistep.py and schedules.py: grid checks,
+precision, and the one error of an unknown sampler, grid or option.
 
-Kept apart so that the three sampler modules can share it without importing each other.
+Kept apart so that the sampler modules can share it without importing each other.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Callable
-
 import torch
 
+from dfm.errors import UserError
+
 Tensor = torch.Tensor
+
+
+class SamplingError(UserError, ValueError):
+    """An unknown sampler, grid or sampler option; the message is one line and lists the valid ones."""
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,17 +30,3 @@ def grid_floats(grid: Tensor, name: str = "sigmas") -> list[float]:
     if any(a <= b for a, b in zip(values, values[1:])) or values[-1] < 0:
         raise ValueError(f"{name} must be strictly descending and end at >= 0, got {values}")
     return values
-
-
-def resolve(table: dict[str, Callable], method: str, options: dict, kind: str = "sampler") -> Callable:
-    """table[method], or a one-line ValueError naming the valid methods / options."""
-    if method not in table:
-        raise ValueError(f"unknown {kind} {method!r}; use one of: {', '.join(sorted(table))}")
-    fn = table[method]
-    params = inspect.signature(fn).parameters
-    valid = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in ("generator", "callback")]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        takes = f"its options are: {', '.join(valid)}" if valid else "it takes no options"
-        raise ValueError(f"{kind} {method!r} has no option {', '.join(map(repr, unknown))}; {takes}")
-    return fn

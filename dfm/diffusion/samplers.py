@@ -21,20 +21,30 @@ evaluate D at sigma = 0, where this is 0/0, take a plain Euler step on the last 
 
 Any model drives any sampler through the exact adapters of ``dfm.diffusion.paths``: a flow-matching velocity model
 runs here as ``paths.denoiser_from_velocity(v)`` and an EDM denoiser runs under the flow samplers as
-``paths.velocity_from_denoiser(D)`` (``sample_flow``, re-exported below from ``flow_samplers``).
+``paths.velocity_from_denoiser(D)``.
+
+The one table of samplers and the one place a name is resolved (bottom of this module):
+
+    SAMPLER_TABLE = {"edm": SAMPLERS, "flow": FLOW_SAMPLERS}       every sampler of both spaces, by name
+    sample(denoiser, x, sigmas, method="heun", **options)          EDM space (these, and multistep.py's)
+    sample_flow(velocity, x, ts, method="euler", **options)         flow time s (flow_samplers.py, multistep.py's)
+    resolve_sampler("flow:unipc", paradigm, options) -> Sampler    a name for a model, validated once
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from . import flow_samplers, multistep
 from .noise import randn_like
 from .paths import Denoiser
-from .sampler_api import grid_floats, resolve, working_dtype
+from .sampler_api import SamplingError, grid_floats, working_dtype
 
 Tensor = torch.Tensor
 
@@ -280,28 +290,126 @@ def sample_lms(denoiser, x, sigmas, *, generator=None, callback=None, order=4):
     return x.to(dtype)
 
 
-# --- registry ----------------------------------------------------------------------------------------------------
+# --- the sampler table, and resolving a name -----------------------------------------------------------------
 
-SAMPLERS: dict[str, Callable] = {
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpm_2": sample_dpm_2,
-    "lms": sample_lms,
-    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
-    "ddim": sample_ddim,
-    "ddpm": sample_ddpm,
-    "rk4": sample_rk4,
+# Every sampler of both spaces, by space and name: "edm" integrates in EDM sigma (this module, and multistep.py's
+# DPM-Solver++ / UniPC on the path alpha = 1), "flow" in flow time s (flow_samplers.py, and multistep.py's on the
+# path alpha = 1 - s). The only table: nothing adds to it at import time.
+SAMPLER_TABLE: dict[str, dict[str, Callable]] = {
+    "edm": {
+        "euler": sample_euler,
+        "euler_ancestral": sample_euler_ancestral,
+        "heun": sample_heun,
+        "dpm_2": sample_dpm_2,
+        "lms": sample_lms,
+        "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
+        "ddim": sample_ddim,
+        "ddpm": sample_ddpm,
+        "rk4": sample_rk4,
+        "dpmpp_2m": multistep.sample_dpmpp_2m,
+        "dpmpp_3m": multistep.sample_dpmpp_3m,
+        "dpmpp_2m_sde": multistep.sample_dpmpp_2m_sde,
+        "dpmpp_3m_sde": multistep.sample_dpmpp_3m_sde,
+        "unipc": multistep.sample_unipc,
+    },
+    "flow": {
+        "euler": flow_samplers.sample_flow_euler,
+        "heun": flow_samplers.sample_flow_heun,
+        "midpoint": flow_samplers.sample_flow_midpoint,
+        "rk4": flow_samplers.sample_flow_rk4,
+        "dopri5": flow_samplers.sample_flow_dopri5,
+        "dpmpp_2m": multistep.sample_flow_dpmpp_2m,
+        "dpmpp_3m": multistep.sample_flow_dpmpp_3m,
+        "dpmpp_2m_sde": multistep.sample_flow_dpmpp_2m_sde,
+        "dpmpp_3m_sde": multistep.sample_flow_dpmpp_3m_sde,
+        "unipc": multistep.sample_flow_unipc,
+    },
 }
+SAMPLERS = SAMPLER_TABLE["edm"]  # sample(denoiser, x, sigmas, method=NAME)
+FLOW_SAMPLERS = SAMPLER_TABLE["flow"]  # sample_flow(velocity, x, ts, method=NAME)
+SPACES = ("flow", "edm")
+NATIVE_SAMPLER = {"flow": "euler", "edm": "heun"}  # "auto": each paradigm's own (the trainer's validation default)
+
+
+def _option_names(fn: Callable) -> list[str]:
+    """The options a sampler takes: its keyword-only parameters but generator and callback."""
+    params = inspect.signature(fn).parameters
+    return [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in ("generator", "callback")]
+
+
+def _check(space: str, method: str, options: dict, kind: str) -> Callable:
+    """SAMPLER_TABLE[space][method] with `options` checked, or a one-line SamplingError naming the valid ones."""
+    table = SAMPLER_TABLE[space]
+    if method not in table:
+        raise SamplingError(f"unknown {kind} {method!r}; use one of: {', '.join(sorted(table))}")
+    valid = _option_names(table[method])
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        takes = f"its options are: {', '.join(valid)}" if valid else "it takes no options"
+        raise SamplingError(f"{kind} {method!r} has no option {', '.join(map(repr, unknown))}; {takes}")
+    return table[method]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler resolved once: `fn` = SAMPLER_TABLE[space][method], to be called with `options` (checked).
+
+    space "flow": fn(velocity, x_s, ts, *, generator, callback, **options) integrates in flow time s;
+    space "edm":  fn(denoiser, x_edm, sigmas, *, generator, callback, **options) in EDM sigma.
+    """
+
+    space: str
+    method: str
+    options: dict
+    fn: Callable
+
+    @property
+    def name(self) -> str:
+        """SPACE:METHOD, e.g. "flow:euler" (what resolve_sampler reads back to this sampler)."""
+        return f"{self.space}:{self.method}"
+
+
+def sampler_names(paradigm: str = "flow") -> list[str]:
+    """Every sampler name as SPACE:METHOD, the model's native space first. A bare METHOD also works (below)."""
+    order = [paradigm] + [s for s in SPACES if s != paradigm]
+    return [f"{space}:{m}" for space in order for m in sorted(SAMPLER_TABLE[space])]
+
+
+def resolve_sampler(name: str, paradigm: str, options: dict | None = None) -> Sampler:
+    """The Sampler of a name for a model of `paradigm` ("flow" or "edm"), its options checked.
+
+    "flow:unipc" integrates in flow time s, "edm:heun" in EDM sigma; a bare name looks in the model's own space first
+    (so "euler" is flow Euler for a flow model), then the other; "auto" is the paradigm's native sampler
+    (NATIVE_SAMPLER: flow -> euler, edm -> heun). Any sampler runs on any model through dfm.diffusion.paths.
+    Raises a one-line SamplingError listing the valid names, or the sampler's valid options.
+    """
+    if paradigm not in SPACES:
+        raise SamplingError(f"unknown paradigm {paradigm!r}; use one of: {', '.join(SPACES)}")
+    options = dict(options or {})
+    found = None
+    if name == "auto":
+        found = paradigm, NATIVE_SAMPLER[paradigm]
+    elif ":" in name:
+        space, _, method = name.rpartition(":")
+        if space in SAMPLER_TABLE and method in SAMPLER_TABLE[space]:
+            found = space, method
+    else:
+        found = next(((s, name) for s in [paradigm] + [s for s in SPACES if s != paradigm]
+                      if name in SAMPLER_TABLE[s]), None)
+    if found is None:
+        raise SamplingError(f"unknown sampler {name!r}; use one of: {', '.join(sampler_names(paradigm))} "
+                            f"(or a bare name, looked up in the {paradigm} space first)")
+    space, method = found
+    return Sampler(space, method, options, _check(space, method, options, f"{space} sampler"))
 
 
 def sample(denoiser, x, sigmas, method="heun", generator=None, callback=None, **options):
-    """Run SAMPLERS[method] from x = noise * sigmas[0] down the grid `sigmas` (see the module docstring)."""
-    fn = resolve(SAMPLERS, method, options)
+    """Run SAMPLERS[method] from x = noise * sigmas[0] down the EDM grid `sigmas` (see the module docstring)."""
+    fn = _check("edm", method, options, "sampler")
     return fn(denoiser, x, sigmas, generator=generator, callback=callback, **options)
 
 
-from .flow_samplers import FLOW_SAMPLERS, sample_flow  # noqa: E402,F401  (one import for both paradigms)
-from .multistep import EDM_METHODS  # noqa: E402  DPM-Solver++ (2M, 3M, SDE) and UniPC
-
-SAMPLERS.update(EDM_METHODS)
+def sample_flow(velocity, x, ts, method="euler", generator=None, callback=None, **options):
+    """Run FLOW_SAMPLERS[method] from x (pure noise when ts[0] == 1) down the flow-time grid `ts` (flow_samplers.py)."""
+    fn = _check("flow", method, options, "flow sampler")
+    return fn(velocity, x, ts, generator=generator, callback=callback, **options)

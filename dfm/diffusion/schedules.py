@@ -3,29 +3,37 @@
 A grid with n steps is a 1-D tensor of n + 1 values, **descending and ending in 0**: n noise levels, then 0
 (k-diffusion's ``append_zero``). Values are EDM sigmas (``sigma_t / alpha_t``, see paths.py) unless a name says
 otherwise. They are computed in float64 and returned in ``dtype`` (float32 by default: sigmas and timesteps stay
-fp32 even when the network runs in bf16, design.md).
+fp32 even when the network runs in bf16: bf16 keeps ~8 distinct values near s = 1).
 
     continuous EDM grids     karras, exponential, polyexponential, vp        (k-diffusion's get_sigmas_*)
     discrete DDPM schedules  ddpm_betas, ddpm_sigmas (the training table), spaced_timesteps, discrete,
                              discrete_with_timesteps, t_to_sigma, sigma_to_t  (diffusers' Euler / DDIM / DPM-Solver)
     flow grids in s          flow_uniform, shift_static, shift_exponential, dynamic_shift_mu, flow_shifted,
-                             flow_match_euler, flow_to_edm                   (SD3, Flux, Wan; s = 1 is pure noise)
+                             flow_match_euler, flow_unipc, flow_to_edm       (SD3, Flux, Wan; s = 1 is pure noise)
                              (diffusers' use_karras_sigmas / shift_terminal for flow are not reproduced)
+    few-step log-SNR         logsnr (EDM sigmas), flow_logsnr (flow time)    (exponential from 80 to 0.05)
     learned                  LearnedSchedule                                 (VDM's monotone gamma(t))
 
-``get_sigmas(name, n, **kwargs)`` picks one by name, for configs.
+The one registry of named grids: ``GRIDS`` and ``sampling_grid(name, steps, **params) -> Grid`` (a kind "flow" or
+"edm" and float64 values, with the views `flow_times()`, `sigmas()` and the initial state `start(noise, space)`):
+
+    grid = sampling_grid("flow_shifted", 20, shift=3.0)                           # Grid("flow", s values)
+    grid = sampling_grid("karras", 32, sigma_min=0.002, sigma_max=80.0, rho=7.0)  # Grid("edm", sigmas)
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dfm.diffusion.paths import flow_t_to_sigma
+from dfm.diffusion.paths import flow_t_to_sigma, sigma_to_flow_t
+from dfm.diffusion.sampler_api import SamplingError
 
 Tensor = torch.Tensor
 f64 = torch.float64
@@ -355,7 +363,7 @@ class LearnedSchedule(nn.Module):
 
     def gamma_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """gamma(t) and gamma'(t) for t [B] in [0, 1]."""
-        t = t.to(self.w1.dtype)  # fp32 unless the module was cast: never bf16 (design.md)
+        t = t.to(self.w1.dtype)  # fp32 unless the module was cast: never bf16 (timesteps stay fp32)
         value, slope = self._gamma_tilde(torch.cat([t, t.new_tensor([0.0, 1.0])]))  # [B + 2]
         value, ends, slope = value[:-2], value[-2:], slope[:-2]
         scale = (self.gamma_max - self.gamma_min) / (ends[1] - ends[0])
@@ -400,38 +408,152 @@ class LearnedSchedule(nn.Module):
         return _append_zero(self.sigma(torch.linspace(1, 0, n, device=self.w1.device)).to(f64), dtype)
 
 
-# --- registry ----------------------------------------------------------------------------------------------------
+# --- few-step log-SNR grids ---------------------------------------------------------------------------------
+
+# The few-step grid's end: the last step of a data-prediction solver returns D(x, sigma_min), and below ~sigma_data/10
+# D is nearly the identity, so an NFE spent there is wasted. Chosen on benchmarks/samplers.py (0.002, 0.01, 0.03,
+# 0.06 tried), where this grid with dpmpp_2m / unipc order 2 beats every Karras or shifted grid at 10 NFE.
+LOGSNR_SIGMA_MIN, LOGSNR_SIGMA_MAX = 0.05, 80.0
 
 
-def _flow_edm(n: int, **kwargs) -> Tensor:
-    """flow_shifted(n, **kwargs) in EDM sigmas (first entry inf)."""
-    return flow_to_edm(flow_shifted(n, **kwargs))
+def logsnr(
+    n: int, sigma_min: float = LOGSNR_SIGMA_MIN, sigma_max: float = LOGSNR_SIGMA_MAX, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The few-step grid in EDM sigmas: uniform in log-SNR lambda = -log sigma (`exponential`, DPM-Solver's choice,
+    Lu et al. 2022 Sec. 3.3) from sigma_max = 80 to sigma_min = 0.05 (not EDM's 0.002, see LOGSNR_SIGMA_MIN), [n + 1]."""
+    return exponential(n, sigma_min, sigma_max, dtype=dtype)
 
 
-def _flow_match_euler_edm(n: int, **kwargs) -> Tensor:
-    """flow_match_euler(n, **kwargs) in EDM sigmas (first entry inf)."""
-    return flow_to_edm(flow_match_euler(n, **kwargs))
+def flow_logsnr(
+    n: int, sigma_min: float = LOGSNR_SIGMA_MIN, sigma_max: float = LOGSNR_SIGMA_MAX, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """`logsnr` for a flow model, in flow time s, [n + 1]: s = 1 (pure noise, sigma = inf) in place of sigma_max, then
+    the other n - 1 levels as s = sigma / (1 + sigma), then 0. The same n steps, from where a flow model starts."""
+    sig = logsnr(n, sigma_min, sigma_max, dtype=f64)[1:]  # [n]: levels 1 .. n - 1, then 0
+    return torch.cat([sig.new_ones(1), sigma_to_flow_t(sig)]).to(dtype)
 
 
-def _learned(n: int, schedule: LearnedSchedule, **kwargs) -> Tensor:
-    return schedule.grid(n, **kwargs)
+def flow_unipc(n: int, shift: float = 1.0, num_train_timesteps: int = 1000, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """diffusers' UniPC / DPM-Solver with use_flow_sigmas (Wan 2.1's FlowUniPCMultistepScheduler), in s, [n + 1]:
+    levels linspace(1, 1/T, n + 1)[:-1], shifted by shift_static, the first one lowered to 1 - 1e-6, then 0."""
+    levels = shift_static(torch.linspace(1, 1 / num_train_timesteps, n + 1, dtype=f64)[:-1], shift)  # [n]
+    levels[0] = min(float(levels[0]), 1 - 1e-6)  # diffusers: keeps log(alpha) finite at the start
+    return _append_zero(levels, dtype)
 
 
-SCHEDULES: dict[str, Callable[..., Tensor]] = {
-    "karras": karras,
-    "exponential": exponential,
-    "polyexponential": polyexponential,
-    "vp": vp,
-    "discrete": discrete,
-    "flow": _flow_edm,
-    "flow_match_euler": _flow_match_euler_edm,
-    "learned": _learned,
+# --- the grid registry: one name -> one Grid ---------------------------------------------------------------------
+
+# Flow time s = 1 (sigma = inf, pure noise) is evaluated as sigma = SIGMA_INF: the network sees x_s and
+# s = 1 - 1e-6 (paths.velocity_from_denoiser's sigma_max in guided sampling; its first EDM-space step).
+SIGMA_INF = 1e6
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A sampling grid in the model's native time, float64, descending and ending in 0.
+
+    kind "flow": flow times s in [0, 1] (s = 1 is pure noise; x_s = eps at s_0, as in Wan and diffusers)
+    kind "edm":  EDM sigmas (x = eps * sigma_0, as in EDM and k-diffusion)
+    Samplers of the other space see the same grid through s = sigma / (1 + sigma), x_edm = x_s / (1 - s).
+    """
+
+    kind: str
+    values: Tensor  # [n + 1] float64
+
+    @property
+    def steps(self) -> int:
+        return self.values.numel() - 1
+
+    def flow_times(self) -> Tensor:
+        """[n + 1] fp32 flow times (sigma = inf -> s = 1)."""
+        return (self.values if self.kind == "flow" else sigma_to_flow_t(self.values)).float()
+
+    def sigmas(self) -> Tensor:
+        """[n + 1] fp32 EDM sigmas, s = 1 taken at SIGMA_INF."""
+        sig = flow_t_to_sigma(self.values) if self.kind == "flow" else self.values
+        return sig.clamp(max=SIGMA_INF).float()
+
+    def start(self, noise: Tensor, space: str) -> Tensor:
+        """The initial state in `space`'s coordinates, from standard normal `noise` [B, ...]."""
+        sigma0 = float(self.sigmas()[0].double()) if self.kind == "flow" else float(self.values[0])
+        if self.kind == "flow":
+            return noise if space == "flow" else noise * (1 + sigma0)  # x_edm = x_s / (1 - s)
+        return noise * sigma0 if space == "edm" else noise * (sigma0 / (1 + sigma0))  # x_s = x_edm * (1 - s)
+
+
+@dataclass(frozen=True)
+class NamedGrid:
+    """An entry of GRIDS: called as (n, **params) -> Grid(kind, fn(n, **defaults, **params, dtype=float64)).
+
+    params: the keyword parameters of `takes` (fn itself unless fn forwards **kwargs to it); defaults: the ones the
+    registry adds (e.g. karras' sigma_min / sigma_max, which the plain function requires).
+    """
+
+    kind: str
+    fn: Callable[..., Tensor]
+    defaults: dict = field(default_factory=dict)
+    takes: Callable | None = None
+
+    def params(self) -> list[str]:
+        """The parameter names this grid takes (n and dtype aside)."""
+        items = list(inspect.signature(self.takes or self.fn).parameters.items())[1:]  # n aside
+        return [k for k, p in items if k != "dtype" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    def required(self) -> list[str]:
+        """The parameters without a default, here or in the function."""
+        sig = inspect.signature(self.takes or self.fn).parameters
+        return [k for k in self.params() if sig[k].default is inspect.Parameter.empty and k not in self.defaults]
+
+    def __call__(self, n: int, **params) -> Grid:
+        return Grid(self.kind, self.fn(n, **{**self.defaults, **params}, dtype=f64))
+
+
+def _learned(n: int, schedule: LearnedSchedule, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    return schedule.grid(n, dtype=dtype)
+
+
+_EDM_RANGE = {"sigma_min": 0.002, "sigma_max": 80.0}  # EDM's (Karras et al. 2022, Sec. 5)
+
+GRIDS: dict[str, NamedGrid] = {
+    # the recipes of dfm's models (the pipeline, the trainer's validation)
+    "flow_shifted": NamedGrid("flow", flow_shifted),  # linspace(1, 1/n, n) shifted (SD3; dfm's trainer)
+    "flow_unipc": NamedGrid("flow", flow_unipc),  # Wan 2.1's FlowUniPCMultistepScheduler grid
+    "flow_match_euler": NamedGrid("flow", flow_match_euler),  # diffusers' FlowMatchEulerDiscreteScheduler
+    "karras": NamedGrid("edm", karras, _EDM_RANGE),  # EDM eq. 5, rho = 7
+    # the few-step grid uniform in log-SNR, for EDM models and (from s = 1) for flow models
+    "logsnr": NamedGrid("edm", logsnr),
+    "flow_logsnr": NamedGrid("flow", flow_logsnr),
+    # more EDM sigma grids (k-diffusion's get_sigmas_*, diffusers' discrete schedules, VDM)
+    "exponential": NamedGrid("edm", exponential, _EDM_RANGE),
+    "polyexponential": NamedGrid("edm", polyexponential, _EDM_RANGE),
+    "vp": NamedGrid("edm", vp),
+    "discrete": NamedGrid("edm", discrete, takes=discrete_with_timesteps),
+    "learned": NamedGrid("edm", _learned),
 }
 
 
-def get_sigmas(name: str, n: int, **kwargs) -> Tensor:
-    """An n-step EDM sigma grid [n + 1] by name: SCHEDULES[name](n, **kwargs). Flow grids start at inf (s = 1);
-    flow-space samplers take them back with paths.sigma_to_flow_t, which maps inf to 1 exactly."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
-    return SCHEDULES[name](n, **kwargs)
+def sampling_grid(name: str, steps: int, **params) -> Grid:
+    """The `steps`-step Grid named `name` in GRIDS, in its kind's time ("flow": s; "edm": sigma), float64.
+
+    params are the plain functions' keywords (shift, num_train_timesteps, sigma_min, sigma_max, rho, ...). A parameter
+    that some other grid takes but this one does not is ignored, so one call can pass a recipe's whole set (shift
+    means nothing to karras or the log-SNR grids); one that no grid takes is an error.
+
+    "logsnr" vs "flow_logsnr": the same log-SNR levels (80 -> 0.05); "logsnr" is an EDM grid (a flow model sampled on
+    it starts at s = 80/81 from x_s = noise * 80/81, EDM's truncation at sigma_max), "flow_logsnr" a flow grid whose
+    first point is s = 1, pure noise, as a flow model is trained to start (the grid benchmarks/samplers.py measures).
+    Raises a one-line SamplingError naming the valid grids or parameters.
+    """
+    if name not in GRIDS:
+        raise SamplingError(f"unknown sampling grid {name!r}; use one of: {', '.join(GRIDS)}")
+    grid = GRIDS[name]
+    takes = grid.params()
+    unknown = sorted(set(params) - {p for g in GRIDS.values() for p in g.params()})
+    if unknown:
+        raise SamplingError(f"no sampling grid takes {', '.join(map(repr, unknown))}; {name!r} takes: "
+                            f"{', '.join(takes) or 'nothing'}")
+    given = {k: v for k, v in params.items() if k in takes}
+    missing = [k for k in grid.required() if k not in given]
+    if missing:
+        raise SamplingError(f"sampling grid {name!r} needs {', '.join(map(repr, missing))}")
+    return grid(steps, **given)

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-
-from dfm.errors import UserError
 import torch.nn.functional as F
+
+from dfm.errors import CheckpointError
+from dfm.io import save_safetensors
 
 from .layers import (
     MLP,
@@ -359,10 +360,6 @@ def _load_state_dict_pre_hook(module, state_dict, prefix, *args):
 # --------------------------------------------------------------------------------------- loading / saving
 
 
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be loaded; the message names the problem and the fix."""
-
-
 def _read_safetensors(files: list[Path]) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -485,8 +482,6 @@ def load_pretrained(cls, path, config=None, dtype=torch.float32, device="cpu"):
 
 
 def save_pretrained(model: WanModel, path, max_shard_bytes: int | None = None) -> None:
-    from dfm.checkpoint import save_safetensors
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(model.config.to_diffusers(), indent=2) + "\n")

@@ -22,7 +22,8 @@ One generation (`Pipeline.generate`):
                 in closed form (see guided_sample)
     4. decode:  the VAE (or the identity, in pixel space) -> videos in [-1, 1]
 
-The trainer's validation samples through the same `guided_sample` (dfm/diffusion/sampling.py; Trainer.generate), so a model folder reproduces
+The trainer's validation videos are `Pipeline.generate` on the model being trained (dfm.training.trainer,
+`Trainer.validation_pipeline`), with the settings `dfm export` writes into the folder: a model folder reproduces
 its validation videos.
 
 A dfm model folder:
@@ -48,29 +49,25 @@ transformer to all 512 (zero-padded) tokens.
 Prompts longer than the text encoder's max_length are an error (the message gives the token count and the limit),
 not a silent truncation: a cut-off prompt changes what is asked for.
 
-The package: `generation.py` (Pipeline.generate and its result), `folders.py` (loading dfm model folders, Wan 2.1
-folders and trainer checkpoints; export; info) and `commands.py` (`dfm generate / info / export`).
+The package: `pipeline.py` (the runtime: Pipeline.generate and its result), `folders.py` (the whole folder format:
+its constants, loading dfm model folders, Wan 2.1 folders and trainer checkpoints, `save_pipeline`, export, info)
+and `commands.py` (`dfm generate / info / export`). Imports run commands -> folders -> pipeline.
 """
 
-from dfm.pipeline.generation import (
-    DEFAULT_KEYS,
+from dfm.pipeline.pipeline import DEFAULT_KEYS, Generation, Pipeline, PipelineError, count_tokens
+from dfm.pipeline.folders import (
     DEFAULT_MODEL,
     FORMAT_VERSION,
     WAN_DEFAULTS,
     WAN_NEGATIVE_PROMPT,
-    WAN_TEXT_LENGTH,
-    Generation,
-    Pipeline,
-    PipelineError,
-    count_tokens,
-)
-from dfm.pipeline.folders import (
     WAN_SCHEDULERS,
+    WAN_TEXT_LENGTH,
     IntegerTimesteps,
     describe,
     export_checkpoint,
     load_pipeline,
     pipeline_from_checkpoint,
+    save_pipeline,
     wan_scheduler_settings,
 )
 from dfm.pipeline.commands import add_commands  # dfm.cli registers generate / info / export through it
@@ -78,5 +75,6 @@ from dfm.pipeline.commands import add_commands  # dfm.cli registers generate / i
 __all__ = [
     "DEFAULT_KEYS", "DEFAULT_MODEL", "FORMAT_VERSION", "WAN_DEFAULTS", "WAN_NEGATIVE_PROMPT", "WAN_SCHEDULERS",
     "WAN_TEXT_LENGTH", "Generation", "IntegerTimesteps", "Pipeline", "PipelineError", "add_commands", "count_tokens",
-    "describe", "export_checkpoint", "load_pipeline", "pipeline_from_checkpoint", "wan_scheduler_settings",
+    "describe", "export_checkpoint", "load_pipeline", "pipeline_from_checkpoint", "save_pipeline",
+    "wan_scheduler_settings",
 ]

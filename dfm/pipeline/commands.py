@@ -8,8 +8,19 @@ from pathlib import Path
 
 import torch
 
-from dfm.pipeline.folders import describe, export_checkpoint, load_pipeline
-from dfm.pipeline.generation import DEFAULT_MODEL, PipelineError
+from dfm.diffusion.schedules import GRIDS
+from dfm.pipeline.folders import DEFAULT_MODEL, describe, export_checkpoint, load_pipeline
+from dfm.pipeline.pipeline import PipelineError
+from dfm.video import write_contact_sheet, write_video
+
+
+def _interval(text: str) -> tuple[float, float]:
+    """--guidance-interval LO,HI -> (lo, hi); argparse turns a ValueError into its one-line usage error."""
+    lo, hi = (float(v) for v in text.split(","))
+    return lo, hi
+
+
+_interval.__name__ = "LO,HI"  # argparse: "invalid LO,HI value: ..."
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -17,8 +28,6 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def cmd_generate(args) -> int:
-    from dfm.video import write_contact_sheet, write_video
-
     if args.threads < 0:
         raise PipelineError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
@@ -33,7 +42,9 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(model, device=device, dtype=dtype)
     out = pipe.generate(args.prompt, negative_prompt=args.negative, num_frames=args.frames, height=args.height,
                         width=args.width, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
-                        shift=args.shift, seed=args.seed, progress=not args.no_progress)
+                        shift=args.shift, seed=args.seed, progress=not args.no_progress,
+                        guidance_rescale=args.guidance_rescale, guidance_interval=args.guidance_interval,
+                        grid=args.grid)
     path = Path(args.out) if args.out else Path("outputs") / f"{_slug(out.prompts[0])}_s{out.seeds[0]}.mp4"
     if path.suffix.lower() not in (".mp4", ".gif"):
         raise PipelineError(f"--out {path}: use a .mp4 or .gif file name")
@@ -82,7 +93,17 @@ def add_commands(sub) -> None:
     p.add_argument("--sampler", default=None, help="SPACE:METHOD such as flow:unipc, flow:euler, edm:heun, "
                    "edm:dpmpp_2m (a bare method looks in the model's own space first)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance", "--guidance-scale", dest="guidance", type=float, default=None,
+                   help="classifier-free guidance scale w (1 = off)")
+    p.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI",
+                   help="guidance rescale phi in [0, 1] (Lin et al. 2023; 0 = plain CFG), on the model's own "
+                        "prediction (flow: velocity, EDM: x0)")
+    p.add_argument("--guidance-interval", type=_interval, default=None, metavar="LO,HI",
+                   help="guide only where LO < noise level <= HI, in the model's noise levels (flow models: flow "
+                        "time s in [0, 1], 1 = pure noise; EDM models: sigma); the conditional model elsewhere "
+                        "(Kynkaanniemi et al. 2024)")
+    p.add_argument("--grid", default=None, help=f"sampling grid: {', '.join(GRIDS)} (default: the model's; "
+                   "logsnr: the few-step log-SNR grid)")
     p.add_argument("--shift", type=float, default=None,
                    help="flow grid shift (flow models; a Wan folder defaults to its scheduler's flow_shift, else "
                         "5.0; diffusers' Wan example: 5.0 at 720p, 3.0 at 480p)")
@@ -117,12 +138,12 @@ def add_commands(sub) -> None:
     p.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--sampler", default=None, help="default sampler (SPACE:METHOD)")
-    p.add_argument("--steps", type=int, default=None, help="default steps (training: train.val_steps)")
-    p.add_argument("--guidance", type=float, default=None, help="default guidance (training: train.val_guidance)")
-    p.add_argument("--shift", type=float, default=None, help="default flow shift (training: train.val_shift)")
+    p.add_argument("--steps", type=int, default=None, help="default steps (training: sampling.steps)")
+    p.add_argument("--guidance", type=float, default=None, help="default guidance (training: sampling.guidance_scale)")
+    p.add_argument("--shift", type=float, default=None, help="default flow shift (training: sampling.shift)")
     p.add_argument("--frames", type=int, default=None, help="default frames (training: data.num_frames)")
     p.add_argument("--height", type=int, default=None, help="default height (training: data.size)")
     p.add_argument("--width", type=int, default=None, help="default width (training: data.size)")
-    p.add_argument("--fps", type=float, default=None, help="default fps (training: data.fps or train.val_fps)")
+    p.add_argument("--fps", type=float, default=None, help="default fps (training: data.fps or sampling.fps)")
     p.set_defaults(func=cmd_export)
 

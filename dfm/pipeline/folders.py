@@ -1,29 +1,50 @@
-"""Model folders in and out: dfm model folders, diffusers Wan 2.1 folders and trainer checkpoints -> `Pipeline`
-(`load_pipeline`), checkpoint -> folder (`export_checkpoint`), and what a folder holds (`describe`). The folder
-formats are described in dfm/pipeline/__init__.py."""
+"""The model folder format, in and out: dfm model folders, diffusers Wan 2.1 folders and trainer checkpoints ->
+`Pipeline` (`load_pipeline`), a Pipeline -> a dfm model folder (`save_pipeline`), checkpoint -> folder
+(`export_checkpoint`), and what a folder holds (`describe`). The layouts are described in dfm/pipeline/__init__.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 
-from dfm.checkpoint import find_checkpoint
-from dfm.diffusion.sampling import SPACES, resolve_sampler
-from dfm.errors import UserError
-from dfm.pipeline.generation import (
-    DEFAULT_KEYS,
-    DEFAULT_MODEL,
-    WAN_DEFAULTS,
-    WAN_TEXT_LENGTH,
-    Pipeline,
-    PipelineError,
+from dfm import distributed as D
+from dfm.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from dfm.diffusion.samplers import SPACES, resolve_sampler
+from dfm.errors import UserError, first_line
+from dfm.io import save_safetensors
+from dfm.model import (DiffusionModule, ModelRecipe, backbone_config, build_autoencoder, build_backbone,
+                       diffusion_from_recipe, read_recipe, sampling_defaults, sampling_recipe)
+from dfm.models import DiT, DiTConfig, WanModel
+from dfm.pipeline.pipeline import DEFAULT_KEYS, Pipeline, PipelineError
+from dfm.text import FrozenSmallTextEncoder, SmallTextConfig, SmallTextEncoder, WordTokenizer, load_text_encoder
+from dfm.vae import load_vae
+
+DEFAULT_MODEL = "models/wan_flow_digits"
+FORMAT_VERSION = 1
+
+
+# Wan 2.1's recommended negative prompt (the English form given in diffusers' WanPipeline example)
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
 )
+WAN_DEFAULTS = {"num_frames": 81, "height": 480, "width": 832, "fps": 16.0, "steps": 50, "sampler": "flow:unipc",
+                "guidance_scale": 5.0, "shift": 5.0, "negative_prompt": WAN_NEGATIVE_PROMPT}
+WAN_TEXT_LENGTH = 512  # UMT5 tokens (diffusers' max_sequence_length)
+
 
 # ======================================================================================== transformer I/O
 
@@ -34,8 +55,6 @@ def _text_module(text):
 
 
 def _save_transformer(net: nn.Module, arch: str, folder: Path) -> None:
-    from dfm.checkpoint import save_safetensors
-
     if arch == "wan":
         net.save_pretrained(folder)
         return
@@ -47,21 +66,14 @@ def _save_transformer(net: nn.Module, arch: str, folder: Path) -> None:
 
 
 def _load_transformer(arch: str, folder: Path, device, dtype) -> nn.Module:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not (folder / "config.json").is_file():
         raise PipelineError(f"{folder} has no config.json; the model folder is incomplete, export it again")
     if arch == "wan":
-        from dfm.models import WanModel
-
         try:
             return WanModel.from_pretrained(folder, dtype=dtype, device=device).eval()
         except (OSError, ValueError, SafetensorError) as e:
-            raise PipelineError(f"{folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise PipelineError(f"{folder}: {first_line(e)}") from None
     if arch == "dit":
-        from dfm.models import DiT, DiTConfig
-
         try:
             raw = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if not k.startswith("_")}
             raw["patch_size"] = tuple(raw.get("patch_size", (1, 2, 2)))
@@ -69,7 +81,7 @@ def _load_transformer(arch: str, folder: Path, device, dtype) -> nn.Module:
             net.load_state_dict(load_file(folder / "model.safetensors"))
         except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
             raise PipelineError(f"{folder} holds no readable DiT ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}); export the model again") from None
+                                f"{first_line(e, '')}); export the model again") from None
         if dtype != torch.float32:
             net.cast(dtype)
         return net.to(device).eval()
@@ -94,16 +106,8 @@ class IntegerTimesteps(nn.Module):
         return self.net(x, t, *args, **kwargs)
 
 
-def _diffusion_module(net, text, paradigm: str, diffusion: dict, null: str):
-    from dfm.train import DiffusionConfig, DiffusionModule
-
-    fields = {f.name for f in dataclasses.fields(DiffusionConfig)}
-    cfg = DiffusionConfig(paradigm=paradigm, **{k: v for k, v in diffusion.items() if k in fields and k != "paradigm"})
-    return DiffusionModule(net, text, cfg, null).eval()
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+def _diffusion_module(net, text, paradigm: str, diffusion: dict, null: str) -> DiffusionModule:
+    return DiffusionModule(net, text, diffusion_from_recipe(paradigm, diffusion), null).eval()
 
 
 # ================================================================================================ loading
@@ -115,7 +119,7 @@ def _read_json(path: Path, what: str) -> dict:
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing; {what}") from None
     except (OSError, ValueError) as e:
-        raise PipelineError(f"{path} is not valid JSON ({_first_line(e)}); {what}") from None
+        raise PipelineError(f"{path} is not valid JSON ({first_line(e)}); {what}") from None
     if not isinstance(data, dict):
         raise PipelineError(f"{path} must hold a JSON object; {what}")
     return data
@@ -152,30 +156,26 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
 
 
 def _load_vae(folder: Path, what: str):
-    from dfm.vae import load_vae
-
     _need_dir(folder, what)
     try:
         return load_vae(folder).eval()
     except UserError as e:
-        raise PipelineError(f"{folder}: {_first_line(e)}") from None
+        raise PipelineError(f"{folder}: {first_line(e)}") from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise PipelineError(f"{folder} holds no readable VAE ({_first_line(e)}); {what}") from None
+        raise PipelineError(f"{folder} holds no readable VAE ({first_line(e)}); {what}") from None
 
 
 def _load_text(folder: Path, what: str, tokenizer: Path | None = None, max_length: int | None = None,
                device="cpu", dtype: torch.dtype = torch.float32):
-    from dfm.text import load_text_encoder
-
     _need_dir(folder, what)
     if tokenizer is not None:
         _need_dir(tokenizer, what)
     try:
         return load_text_encoder(folder, tokenizer=tokenizer, max_length=max_length, device=device, dtype=dtype)
     except UserError as e:
-        raise PipelineError(f"{folder}: {_first_line(e)}") from None
+        raise PipelineError(f"{folder}: {first_line(e)}") from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise PipelineError(f"{folder} holds no readable text encoder ({_first_line(e)}); {what}") from None
+        raise PipelineError(f"{folder} holds no readable text encoder ({first_line(e)}); {what}") from None
 
 
 def _check_fit(path: Path, net: nn.Module, text, vae) -> None:
@@ -261,57 +261,61 @@ def _load_wan_folder(path: Path, index: dict, device, dtype) -> Pipeline:
 # ============================================================================================ checkpoints
 
 
-def _checkpoint_config(path: Path):
-    """(TrainConfig, the text encoder of text.json: a small one with untrained weights, or the frozen encoder it
-    names, the autoencoder) of a checkpoint."""
-    from dfm.config import load_config
-    from dfm.text import SmallTextConfig, SmallTextEncoder, WordTokenizer
-    from dfm.train import TrainConfig, build_autoencoder
+@dataclasses.dataclass
+class _Trained:
+    """What a trainer checkpoint's config.yaml and text.json say of its model."""
 
+    recipe: ModelRecipe  # the model sections of the training config
+    clip: tuple[int, int, float | None]  # data.num_frames, data.size, data.fps
+    config_yaml: str  # the training config, for the record (keys of older dfm versions moved)
+    text: nn.Module  # a small encoder with untrained weights, or the frozen encoder text.json names
+    vae: nn.Module
+
+
+def _checkpoint_config(path: Path) -> _Trained:
     for name in ("config.yaml", "text.json"):
         if not (path / name).is_file():
             raise PipelineError(f"checkpoint {path} has no {name}; use a checkpoint written by `dfm train`")
-    cfg = load_config(TrainConfig, path / "config.yaml")
+    recipe, raw = read_recipe(path / "config.yaml")
+    data = raw.get("data") or {}
+    try:
+        clip = (int(data["num_frames"]), int(data["size"]), data.get("fps"))
+    except (KeyError, TypeError, ValueError):
+        raise PipelineError(f"{path}/config.yaml lacks data.num_frames / data.size; use a checkpoint written by "
+                            f"`dfm train`") from None
     meta = _read_json(path / "text.json", "use another checkpoint")
-    vae = build_autoencoder(cfg)  # "identity" or the VAE folder of the config
+    vae = build_autoencoder(recipe.autoencoder, (clip[0], clip[1], clip[1]))  # "identity" or the config's folder
+    record = yaml.safe_dump(raw, sort_keys=False)
     if meta.get("type") == "frozen":  # a Hugging Face encoder trained against, not with, the model
         enc = meta.get("encoder") or {}
         if not enc.get("path"):
             raise PipelineError(f"{path}/text.json names no text encoder folder; use another checkpoint")
         tokenizer = Path(enc["tokenizer"]) if enc.get("tokenizer") else None
-        return cfg, _load_text(Path(enc["path"]), "restore the folder text.json names", tokenizer,
-                               max_length=enc.get("max_length")), vae
+        text = _load_text(Path(enc["path"]), "restore the folder text.json names", tokenizer,
+                          max_length=enc.get("max_length"))
+        return _Trained(recipe, clip, record, text, vae)
     try:
         meta.pop("type", None)
         text = SmallTextEncoder(WordTokenizer(meta.pop("vocab")), SmallTextConfig(**meta))
     except (KeyError, TypeError, ValueError) as e:
-        raise PipelineError(f"{path}/text.json is not a small text encoder ({_first_line(e)}); use another "
+        raise PipelineError(f"{path}/text.json is not a small text encoder ({first_line(e)}); use another "
                             f"checkpoint") from None
-    return cfg, text, vae
+    return _Trained(recipe, clip, record, text, vae)
 
 
-def _checkpoint_recipe(cfg, **overrides) -> tuple[dict, dict]:
-    """(sampling settings, defaults) of a trained model: what sampling needs of cfg.diffusion, and the validation
-    settings (val_steps, val_guidance, val_shift, val_sampler, data.num_frames, data.size, data.fps or val_fps)."""
-    d, t = cfg.diffusion, cfg.train
-    if d.paradigm == "flow":  # what DiffusionModule.denoise and the grid need, nothing of training
-        diffusion = {"grid": "flow_shifted", "timestep_scale": d.timestep_scale}
-    else:
-        diffusion = {"grid": "karras", "sigma_data": d.sigma_data, "sigma_min": d.sigma_min,
-                     "sigma_max": d.sigma_max, "rho": d.rho}
-    defaults = {"num_frames": cfg.data.num_frames, "height": cfg.data.size, "width": cfg.data.size,
-                "fps": float(cfg.data.fps or t.val_fps), "steps": t.val_steps, "sampler": t.val_sampler,
-                "guidance_scale": t.val_guidance, "shift": t.val_shift if d.paradigm == "flow" else None,
-                "negative_prompt": None}
+def _checkpoint_recipe(trained: _Trained, **overrides) -> tuple[dict, dict]:
+    """(sampling settings, defaults) of a trained model: dfm.model's sampling_recipe and sampling_defaults (the
+    `sampling` section and the data's clip size: what its validation videos used), then `overrides`."""
+    r = trained.recipe
+    diffusion, defaults = sampling_recipe(r), sampling_defaults(r, *trained.clip)
     for k, v in overrides.items():
         if k not in DEFAULT_KEYS:
             raise PipelineError(f"unknown default {k!r}; valid: {', '.join(DEFAULT_KEYS)}")
         if v is not None:
             defaults[k] = v
-    if defaults["shift"] is not None and d.paradigm == "edm":
+    if defaults["shift"] is not None and r.diffusion.paradigm == "edm":
         raise PipelineError("shift applies to flow-matching models; this checkpoint is EDM")
-    space, method = resolve_sampler(defaults["sampler"], d.paradigm)
-    defaults["sampler"] = f"{space}:{method}"
+    defaults["sampler"] = resolve_sampler(defaults["sampler"], r.diffusion.paradigm).name
     return diffusion, defaults
 
 
@@ -320,22 +324,17 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
     """A Pipeline from a trainer checkpoint: EMA weights (or the trained ones with ema=False), the small text
     encoder of text.json, the autoencoder of the config; defaults from the training config (`_checkpoint_recipe`)
     unless overridden (keys of DEFAULT_KEYS)."""
-    from dfm import distributed as D
-    from dfm.checkpoint import CheckpointError, load_checkpoint
-    from dfm.text import FrozenSmallTextEncoder, SmallTextEncoder
-    from dfm.train import _arch, backbone_config, config_yaml
-
     given = Path(path)
     path = find_checkpoint(given) if given.exists() else None
     if path is None:
         raise PipelineError(f"{given} is not a trainer checkpoint (a step_* folder with state.json, its "
                             f"checkpoints/ folder or a run directory); check the path")
-    cfg, text, vae = _checkpoint_config(path)
-    diffusion, defaults = _checkpoint_recipe(cfg, **overrides)
+    trained = _checkpoint_config(path)
+    r, text, vae = trained.recipe, trained.text, trained.vae
+    diffusion, defaults = _checkpoint_recipe(trained, **overrides)
     small = isinstance(text, SmallTextEncoder)  # else a frozen encoder, outside the trained module
-    net = _arch(cfg.model.arch)[0](backbone_config(cfg, vae.channels, text.dim))
-    module = _diffusion_module(net, text if small else None, cfg.diffusion.paradigm,
-                               dataclasses.asdict(cfg.diffusion), cfg.text.null)
+    net = build_backbone(r.model, vae.channels, text.dim)
+    module = DiffusionModule(net, text if small else None, r.diffusion, r.text.null)
     ckpt = load_checkpoint(path)
     use_ema = ema and ckpt["ema"] is not None
     try:
@@ -346,16 +345,47 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
         net.cast(dtype)
     source = {"checkpoint": str(path), "step": int(ckpt["step"]), "weights": "ema" if use_ema else "model"}
     frozen = FrozenSmallTextEncoder(text, f"{path}/text.json") if small else text
-    return Pipeline(module.eval().to(device), frozen, vae.eval().to(device), arch=cfg.model.arch,
-                    paradigm=cfg.diffusion.paradigm, diffusion=diffusion, defaults=defaults, null=cfg.text.null,
+    return Pipeline(module.eval().to(device), frozen, vae.eval().to(device), arch=r.model.arch,
+                    paradigm=r.diffusion.paradigm, diffusion=diffusion, defaults=defaults, null=r.text.null,
                     use_mask=True, kind="dfm", device=device, dtype=dtype, source=source,
-                    config_yaml=config_yaml(cfg))
+                    config_yaml=trained.config_yaml)
+
+
+def save_pipeline(pipe: Pipeline, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write `pipe` as a dfm model folder (its layout: dfm/pipeline/__init__.py) atomically: built beside
+    `folder`, then renamed."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise PipelineError(f"{folder} exists and is not empty; choose another folder or pass --force")
+    if not hasattr(_text_module(pipe.text), "save_pretrained") or not hasattr(pipe.vae, "save_pretrained"):
+        raise PipelineError("this pipeline's text encoder or VAE cannot be saved as a dfm model folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _save_transformer(pipe.transformer, pipe.arch, tmp / "transformer")
+        _text_module(pipe.text).save_pretrained(tmp / "text_encoder")
+        pipe.vae.save_pretrained(tmp / "vae")
+        if pipe.config_yaml:
+            (tmp / "config.yaml").write_text(pipe.config_yaml)
+        index = {"format": "dfm", "version": FORMAT_VERSION, "arch": pipe.arch, "paradigm": pipe.paradigm,
+                 "diffusion": pipe.diffusion, "text": {"null": pipe.null, "mask": pipe.use_mask,
+                                                       "max_length": int(pipe.text.max_length)},
+                 "defaults": pipe.defaults, "source": pipe.source}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = True, overwrite: bool = False,
                       **overrides) -> Path:
     """`dfm export`: a trainer checkpoint as a dfm model folder (see `pipeline_from_checkpoint`)."""
-    return pipeline_from_checkpoint(checkpoint, ema=ema, **overrides).save_pretrained(out, overwrite=overwrite)
+    return save_pipeline(pipeline_from_checkpoint(checkpoint, ema=ema, **overrides), out, overwrite=overwrite)
 
 
 # =================================================================================================== info
@@ -364,8 +394,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = True,
 def _safetensors_params(files: Sequence[Path], by_prefix: bool = False) -> dict[str, int]:
     """Element counts read from safetensors headers (no weights loaded): {"total": n}, or per first key
     component ({"net": n1, "text": n2} for a trainer checkpoint) with by_prefix."""
-    from safetensors import safe_open
-
     counts: dict[str, int] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as st:
@@ -438,13 +466,12 @@ def describe(path: str | Path) -> str:
         ckpt = find_checkpoint(path)
         if ckpt is None:
             raise PipelineError(f"{path} is neither a model folder (model_index.json) nor a trainer checkpoint")
-        cfg, text, vae = _checkpoint_config(ckpt)
-        from dfm.train import backbone_config
-
-        arch, paradigm = cfg.model.arch, cfg.diffusion.paradigm
-        diffusion, defaults = _checkpoint_recipe(cfg)
-        tcfg = dataclasses.asdict(backbone_config(cfg, vae.channels, text.dim))
-        text_line = (f"small encoder, dim {text.dim}, max_length {text.max_length}, null {cfg.text.null}, "
+        trained = _checkpoint_config(ckpt)
+        r, text, vae = trained.recipe, trained.text, trained.vae
+        arch, paradigm = r.model.arch, r.diffusion.paradigm
+        diffusion, defaults = _checkpoint_recipe(trained)
+        tcfg = dataclasses.asdict(backbone_config(r.model, vae.channels, text.dim))
+        text_line = (f"small encoder, dim {text.dim}, max_length {text.max_length}, null {r.text.null}, "
                      f"mask on")
         state = _read_json(ckpt / "state.json", "the checkpoint is damaged")
         add("path", f"{ckpt} (trainer checkpoint, step {state.get('step')})")

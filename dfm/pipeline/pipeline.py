@@ -1,49 +1,30 @@
-"""The pipeline: text encoding, per-sample noise, guided sampling and VAE decoding (`Pipeline.generate`), and the
-constants of model folders. Overview and the folder format: dfm/pipeline/__init__.py."""
+"""The runtime pipeline: text encoding, per-sample noise, guided sampling and VAE decoding (`Pipeline.generate`).
+Overview: dfm/pipeline/__init__.py; model folders in and out: dfm/pipeline/folders.py."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from dfm.diffusion.sampling import (
-    Grid,
-    check_sampler_options,
-    guidance_branches,
-    guided_sample,
-    resolve_sampler,
-    sampling_grid,
-)
+from dfm.diffusion.paths import flow_t_to_sigma
+from dfm.diffusion.sampling import guided_sample
+from dfm.diffusion.samplers import Sampler, resolve_sampler
+from dfm.diffusion.schedules import Grid, sampling_grid
 from dfm.errors import UserError
+from dfm.text import WordTokenizer, guidance_branches, wan_prompt_clean, words
 
 Tensor = torch.Tensor
 
-DEFAULT_MODEL = "models/wan_flow_digits"
-FORMAT_VERSION = 1
-
-
-# Wan 2.1's recommended negative prompt (the English form given in diffusers' WanPipeline example)
-WAN_NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
-    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
-    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
-    "background, three legs, many people in the background, walking backwards"
-)
-WAN_DEFAULTS = {"num_frames": 81, "height": 480, "width": 832, "fps": 16.0, "steps": 50, "sampler": "flow:unipc",
-                "guidance_scale": 5.0, "shift": 5.0, "negative_prompt": WAN_NEGATIVE_PROMPT}
-WAN_TEXT_LENGTH = 512  # UMT5 tokens (diffusers' max_sequence_length)
-
-DEFAULT_KEYS = ("num_frames", "height", "width", "fps", "steps", "sampler", "guidance_scale", "shift",
-                "negative_prompt")
+# the generation defaults a model folder holds (model_index.json "defaults"); None: off / the model's own
+DEFAULT_KEYS = ("num_frames", "height", "width", "fps", "steps", "sampler", "guidance_scale", "guidance_rescale",
+                "guidance_interval", "shift", "negative_prompt")
 
 
 class PipelineError(UserError, ValueError):
@@ -56,8 +37,6 @@ class PipelineError(UserError, ValueError):
 def count_tokens(text_encoder, prompt: str) -> int | None:
     """Tokens the encoder would read for `prompt` before truncation (special tokens included), or None if it
     cannot say. Knows dfm's small encoder (raw or frozen) and the Hugging Face encoders of dfm.text."""
-    from dfm.text import WordTokenizer, wan_prompt_clean, words
-
     if hasattr(text_encoder, "count_tokens"):
         return int(text_encoder.count_tokens(prompt))
     tok = getattr(text_encoder, "tokenizer", None) or getattr(getattr(text_encoder, "encoder", None), "tokenizer", None)
@@ -92,7 +71,8 @@ class Generation:
 class Pipeline:
     """A text-to-video model ready to sample: transformer + text encoder + VAE + sampling recipe.
 
-    module:  a DiffusionModule (dfm.train): `.denoise(x, sigma, **cond)` is the EDM denoiser of either paradigm
+    module:  a DiffusionModule (dfm.model): `module("denoise", x, sigma, **cond)` is the EDM denoiser of either
+             paradigm
     text:    .encode(prompts) -> (context [B, L, D], mask [B, L]), .dim, .max_length
     vae:     .decode(latents) -> video in [-1, 1], .latent_shape(F, H, W), .channels
     diffusion: {"grid", "num_train_timesteps", "sigma_min", "sigma_max", "rho", ...} (sampling settings)
@@ -172,125 +152,142 @@ class Pipeline:
                                 f"patch {patch[0]} (VAE factor {tf})")
         return shape
 
-    def grid(self, steps: int, shift: float | None) -> Grid:
+    def grid(self, steps: int, shift: float | None, grid: str | None = None) -> Grid:
+        """The sampling grid: `grid` (a name of dfm.diffusion.schedules.GRIDS), default the model's own, with the
+        model's parameters (flow: `shift`; EDM: its sigma range and rho) where the grid takes them."""
         d = self.diffusion
         if not isinstance(steps, int) or steps < 1:
             raise PipelineError(f"steps must be a positive integer, got {steps!r}")
+        name = grid or d["grid"]
+        if name == "logsnr" and self.paradigm == "flow":
+            name = "flow_logsnr"  # the same levels, from s = 1 (pure noise), as a flow model starts
         if self.paradigm == "edm":
             if shift is not None:
                 raise PipelineError("shift applies to flow-matching models; this one is EDM (Karras grid, "
                                     f"sigma {d.get('sigma_max')} -> {d.get('sigma_min')}, rho {d.get('rho')})")
-            return sampling_grid("karras", steps, sigma_min=d["sigma_min"], sigma_max=d["sigma_max"], rho=d["rho"])
-        shift = 1.0 if shift is None else float(shift)
-        if not shift > 0:
-            raise PipelineError(f"shift must be positive, got {shift}")
-        return sampling_grid(d.get("grid", "flow_shifted"), steps, shift=shift,
-                             num_train_timesteps=int(d.get("num_train_timesteps", 1000)))
+            own = name == d.get("grid")  # the recipe's sigma range belongs to its own grid (logsnr has its own)
+            params = {k: d[k] for k in ("sigma_min", "sigma_max", "rho") if own and k in d}
+        else:
+            shift = 1.0 if shift is None else float(shift)
+            if not shift > 0:
+                raise PipelineError(f"shift must be positive, got {shift}")
+            params = {"shift": shift, "num_train_timesteps": int(d.get("num_train_timesteps", 1000))}
+        return sampling_grid(name, steps, **params)
+
+    def guidance_interval(self, interval) -> tuple[float, float] | None:
+        """(lo, hi) in the model's noise levels (flow: times s in [0, 1]; EDM: sigmas) -> EDM sigmas, or None."""
+        if interval is None:
+            return None
+        try:
+            lo, hi = (float(v) for v in interval)
+        except (TypeError, ValueError):
+            raise PipelineError(f"guidance_interval must be two numbers LO,HI, got {interval!r}") from None
+        top = 1.0 if self.paradigm == "flow" else math.inf
+        if not 0 <= lo < hi <= top:
+            unit = "flow times s, 0 <= LO < HI <= 1" if self.paradigm == "flow" else "sigmas, 0 <= LO < HI"
+            raise PipelineError(f"guidance_interval {lo:g},{hi:g}: give the noise levels where guidance applies "
+                                f"({unit})")
+        if self.paradigm == "flow":  # s -> sigma = s / (1 - s); s = 1 is sigma = inf
+            lo, hi = (float(flow_t_to_sigma(torch.tensor(v, dtype=torch.float64))) for v in (lo, hi))
+        return lo, hi
 
     def denoise(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
-        """D(x, sigma) in EDM coordinates, fp32 out (autocast when the pipeline runs in a lower precision)."""
+        """D(x, sigma) in EDM coordinates, fp32 out (autocast when the pipeline runs in a lower precision); through
+        the module's forward, so that DDP / FSDP2 hooks see it."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.module.denoise(x, sigma, **cond).float()
+            return self.module("denoise", x, sigma, **cond).float()
 
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         ctx, mask = self.text.encode(list(prompts))
         return ctx.to(self.device).float(), mask.to(self.device)
+
+    def settings(self, num_frames=None, height=None, width=None, steps=None, sampler=None, guidance_scale=None,
+                 guidance_rescale=None, guidance_interval=None, grid=None, shift=None, sampler_options=None) -> dict:
+        """The resolved, checked settings of a generation (None arguments take `self.defaults`): a PipelineError
+        or SamplingError before any sampling."""
+        dflt = self.defaults
+        pick = lambda v, k: dflt[k] if v is None else v  # noqa: E731
+        num_frames, height, width = pick(num_frames, "num_frames"), pick(height, "height"), pick(width, "width")
+        steps, guidance = pick(steps, "steps"), float(pick(guidance_scale, "guidance_scale"))
+        rescale = float(pick(guidance_rescale, "guidance_rescale") or 0.0)
+        levels = pick(guidance_interval, "guidance_interval")  # in the model's noise levels
+        if shift is None and self.paradigm == "flow":
+            shift = dflt["shift"]
+        for name, v in (("guidance_scale", guidance), ("guidance_rescale", rescale)):
+            if not math.isfinite(v):
+                raise PipelineError(f"{name} must be a finite number, got {v}")
+        if not 0 <= rescale <= 1:
+            raise PipelineError(f"guidance_rescale must be in [0, 1] (phi of Lin et al. 2023), got {rescale:g}")
+        solver = resolve_sampler(pick(sampler, "sampler") or "auto", self.paradigm)
+        if sampler_options is None:  # the recipe's options for its sampler (Wan: UniPC's order and variant)
+            sampler_options = self.sampler_options.get(solver.name, {})
+        if sampler_options:
+            solver = resolve_sampler(solver.name, self.paradigm, sampler_options)  # checks the options
+        return {"num_frames": num_frames, "height": height, "width": width, "steps": steps, "sampler": solver,
+                "guidance_scale": guidance, "guidance_rescale": rescale, "guidance_interval": levels,
+                "interval_sigmas": self.guidance_interval(levels),
+                "shape": self.latent_shape(num_frames, height, width), "grid": self.grid(steps, shift, grid),
+                "shift": shift if self.paradigm == "flow" else None}
+
+    def check_settings(self, prompts, negative_prompt=None, **settings) -> None:
+        """Everything `generate` checks before sampling, without sampling (the trainer's validation at start-up)."""
+        self._prompts(prompts, self.defaults["negative_prompt"] if negative_prompt is None else negative_prompt, 0,
+                      None)
+        self.settings(**settings)
 
     # ---------------------------------------------------------------------------------------- generate
 
     @torch.no_grad()
     def generate(self, prompts: str | list[str], negative_prompt=None, num_frames=None, height=None, width=None,
                  steps=None, sampler=None, guidance_scale=None, shift=None, seed=None, seeds=None, progress=True,
-                 callback=None, sampler_options: dict | None = None) -> Generation:
+                 callback=None, sampler_options: dict | None = None, guidance_rescale=None, guidance_interval=None,
+                 grid: str | None = None) -> Generation:
         """Videos for `prompts` (None arguments take `self.defaults`); the steps are listed in dfm/pipeline/__init__.py.
 
         seeds: one per prompt (a single prompt with several seeds gives several videos); default seed, seed + 1, ...
         from `seed` (random if None; the seeds used are in the result). negative_prompt: str, one per prompt, or
         None for the model's default (Wan: its negative prompt; dfm models: the null conditioning of training).
+        guidance_rescale: phi of Lin et al. 2023 in [0, 1], measured on the model's own prediction (flow: the
+        velocity; EDM: the denoised x0). guidance_interval: (lo, hi) in the model's noise levels (flow: times s;
+        EDM: sigmas): guidance only where lo < level <= hi, the conditional model elsewhere (Kynkaanniemi et al.
+        2024). grid: a sampling grid name (dfm.diffusion.schedules.GRIDS; "logsnr" is the few-step grid).
         callback(info): once per step with the sampler's dict ('x', 'i', 'denoised', ...) plus 'steps'.
         sampler_options: keyword options of the sampler (default: the recipe's, `self.sampler_options`).
         """
         start = time.perf_counter()
-        dflt = self.defaults
-        pick = lambda v, k: dflt[k] if v is None else v  # noqa: E731
-        num_frames, height, width = pick(num_frames, "num_frames"), pick(height, "height"), pick(width, "width")
-        steps, guidance = pick(steps, "steps"), float(pick(guidance_scale, "guidance_scale"))
-        sampler_name = pick(sampler, "sampler") or "auto"
-        if shift is None and self.paradigm == "flow":
-            shift = dflt["shift"]
-        negative = pick(negative_prompt, "negative_prompt")
-        if not math.isfinite(guidance):
-            raise PipelineError(f"guidance_scale must be a finite number, got {guidance}")
-        space_method = resolve_sampler(sampler_name, self.paradigm)
-        if sampler_options is None:
-            sampler_options = self.sampler_options.get(f"{space_method[0]}:{space_method[1]}", {})
-        check_sampler_options(space_method, sampler_options)
+        negative = self.defaults["negative_prompt"] if negative_prompt is None else negative_prompt
+        s = self.settings(num_frames, height, width, steps, sampler, guidance_scale, guidance_rescale,
+                          guidance_interval, grid, shift, sampler_options)
         prompts, negative, seeds = self._prompts(prompts, negative, seed, seeds)
-        shape = self.latent_shape(num_frames, height, width)
-        grid = self.grid(steps, shift)
+        guidance, grid_ = s["guidance_scale"], s["grid"]
 
         cond, uncond = guidance_branches(self.encode, prompts, negative, self.null, self.use_mask, guidance)
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        noise = torch.cat([torch.randn((1, *shape), generator=g) for g in generators])  # [B, C, f, h, w], CPU draws
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        noise = torch.cat([torch.randn((1, *s["shape"]), generator=g) for g in generators])  # [B, C, f, h, w], CPU
         noise = noise.to(self.device)
 
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=grid.steps, desc="generate", file=sys.stderr, dynamic_ncols=True, leave=False)
+        bar = tqdm(total=grid_.steps, desc="generate", file=sys.stderr, dynamic_ncols=True, leave=False) \
+            if progress else None
 
         def on_step(info: dict) -> None:
             if bar is not None:
                 bar.update(1)
             if callback is not None:
-                callback({**info, "steps": grid.steps})
+                callback({**info, "steps": grid_.steps})
 
         try:
-            latents, nfe = guided_sample(self.denoise, noise, grid, space_method, cond=cond, uncond=uncond,
-                                         guidance=guidance, generators=generators, callback=on_step,
-                                         options=sampler_options)
+            latents, nfe = guided_sample(self.denoise, noise, grid_, s["sampler"], cond=cond, uncond=uncond,
+                                         guidance_scale=guidance, generators=generators, callback=on_step,
+                                         rescale=s["guidance_rescale"], interval=s["interval_sigmas"],
+                                         rescale_space="flow" if self.paradigm == "flow" else "x0")
         finally:
             if bar is not None:
                 bar.close()
         with torch.autocast(self.device.type, enabled=False):
             videos = self.vae.decode(latents.float()).float().clamp(-1, 1).cpu()  # [B, 3, F, H, W]
-        settings = {"num_frames": num_frames, "height": height, "width": width, "steps": steps,
-                    "sampler": f"{space_method[0]}:{space_method[1]}", "guidance_scale": guidance,
-                    "shift": shift if self.paradigm == "flow" else None, "negative_prompt": negative}
-        return Generation(videos, prompts, seeds, nfe, time.perf_counter() - start, float(dflt["fps"]), settings)
-
-    # ------------------------------------------------------------------------------------------ saving
-
-    def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
-        """Write a dfm model folder (its layout: dfm/pipeline/__init__.py) atomically: built beside `folder`, then
-        renamed."""
-        from dfm.pipeline.folders import _save_transformer, _text_module
-
-        folder = Path(folder)
-        if folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise PipelineError(f"{folder} exists and is not empty; choose another folder or pass --force")
-        if not hasattr(_text_module(self.text), "save_pretrained") or not hasattr(self.vae, "save_pretrained"):
-            raise PipelineError("this pipeline's text encoder or VAE cannot be saved as a dfm model folder")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            _save_transformer(self.transformer, self.arch, tmp / "transformer")
-            _text_module(self.text).save_pretrained(tmp / "text_encoder")
-            self.vae.save_pretrained(tmp / "vae")
-            if self.config_yaml:
-                (tmp / "config.yaml").write_text(self.config_yaml)
-            index = {"format": "dfm", "version": FORMAT_VERSION, "arch": self.arch, "paradigm": self.paradigm,
-                     "diffusion": self.diffusion, "text": {"null": self.null, "mask": self.use_mask,
-                                                           "max_length": int(self.text.max_length)},
-                     "defaults": self.defaults, "source": self.source}
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
-
+        settings = {"num_frames": s["num_frames"], "height": s["height"], "width": s["width"], "steps": s["steps"],
+                    "sampler": s["sampler"].name, "guidance_scale": guidance,
+                    "guidance_rescale": s["guidance_rescale"], "guidance_interval": s["guidance_interval"],
+                    "grid": grid or self.diffusion.get("grid"), "shift": s["shift"], "negative_prompt": negative}
+        return Generation(videos, prompts, seeds, nfe, time.perf_counter() - start, float(self.defaults["fps"]),
+                          settings)

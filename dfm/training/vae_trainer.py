@@ -15,7 +15,17 @@ from typing import Literal, Optional
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
+from dfm.checkpoint import CheckpointError, find_checkpoint, latest_checkpoint, load_checkpoint, run_config, save_checkpoint
+from dfm.config import ConfigError, config_yaml, load_config, save_config, to_dict
+from dfm.data import MovingDigits
+from dfm.distributed import derive_seed
+from dfm.errors import first_line
+from dfm.training.config import TrainingError
+from dfm.training.data import GlobalOrder, StepBatches, collate_batch
+from dfm.training.logging import Logger
+from dfm.training.optim import lr_at
 from dfm.vae import (CausalVAE, CausalVAEConfig, VAEError, _read_json, _write_json, check_latent_shape,
                      fit_latent_stats, load_vae)
 
@@ -89,8 +99,6 @@ class VAETrainConfig:
 
 def check_vae_config(cfg: VAETrainConfig) -> None:
     """Cross-field checks; raises ConfigError."""
-    from dfm.config import ConfigError
-
     try:
         cfg.model.check()
         m = cfg.model
@@ -134,16 +142,12 @@ def psnr(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
 
 
 def _digits(cfg_data: VAEDataConfig, split: str, length: int, seed: int):
-    from dfm.data import MovingDigits
-
     return MovingDigits(split=split, num_frames=cfg_data.num_frames, size=cfg_data.size,
                         num_digits=cfg_data.num_digits, colors=cfg_data.colors, bounce=cfg_data.bounce,
                         length=length, seed=seed)
 
 
 def _resolve_resume(out: Path, resume: Optional[str]) -> Optional[Path]:
-    from dfm.checkpoint import find_checkpoint, latest_checkpoint
-
     if resume is None:
         return None
     if resume == "latest":
@@ -159,12 +163,6 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
     At the end the latent mean/std are measured on `train.stats_clips` training clips and the model is saved
     with save_pretrained to `train.save_to` (default OUTPUT/model); the held-out PSNR goes to OUTPUT/eval.json.
     """
-    from torch.utils.data import DataLoader
-
-    from dfm.checkpoint import load_checkpoint, save_checkpoint
-    from dfm.config import config_yaml, save_config, to_dict
-    from dfm.distributed import derive_seed
-    from dfm.train import GlobalOrder, Logger, StepBatches, collate_batch, lr_at
 
     check_vae_config(cfg)
     t = cfg.train
@@ -196,13 +194,11 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     if ckpt:
-        from dfm.checkpoint import CheckpointError
-
         try:
             vae.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{ckpt_path} does not match this config ({str(e).splitlines()[0][:120]}); "
+            raise CheckpointError(f"{ckpt_path} does not match this config ({first_line(e)[:120]}); "
                                   f"resume with {ckpt_path / 'config.yaml'}") from None
         log.notice(f"resuming from {ckpt_path} (step {start})")
     dataset = _digits(cfg.data, "train", cfg.data.length, t.seed)
@@ -237,8 +233,6 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
         loss = float(terms["loss"].detach())
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
-            from dfm.train import TrainingError
-
             raise TrainingError(f"loss {loss} / gradient norm {grad_norm} at step {step + 1}: "
                                 f"training stopped; lower optim.lr (now {cfg.optim.lr:g}) or loss.kl")
         optimizer.step()
@@ -298,10 +292,6 @@ def evaluate_vae(vae: nn.Module, num_frames: int, size: int, *, clips: int = 64,
 
     psnr: mean over clips of the per-clip PSNR (dB, [0, 1] scale); psnr_first_frame: frame 0 only (the image
     path); compression_ratio: pixels * 3 / latent elements."""
-    from torch.utils.data import DataLoader
-
-    from dfm.data import MovingDigits
-
     shape = vae.latent_shape(num_frames, size, size)
     data = MovingDigits(split="test", num_frames=num_frames, size=size, num_digits=num_digits, colors=colors,
                         bounce=bounce, length=clips, seed=seed)
@@ -345,7 +335,7 @@ def format_report(report: dict, model: str) -> str:
 def add_commands(sub) -> None:
     p = sub.add_parser("train-vae", help="train the causal video VAE on Moving Digits",
                        description="Train dfm's causal 3D-conv VAE. Settings: the dataclass defaults "
-                                   "(dfm/train_vae.py VAETrainConfig), then --config, then key=value overrides "
+                                   "(dfm/training/vae_trainer.py VAETrainConfig), then --config, then key=value overrides "
                                    "(e.g. train.max_steps=500 model.latent_channels=8). Writes OUTPUT/metrics.jsonl, "
                                    "checkpoints, OUTPUT/model (save_pretrained, with the latent mean/std) and "
                                    "OUTPUT/eval.json.")
@@ -376,11 +366,6 @@ def add_commands(sub) -> None:
 
 
 def cmd_train_vae(args) -> int:
-    from dfm.config import load_config
-
-    from dfm.checkpoint import run_config
-    from dfm.config import config_yaml
-
     config = args.config
     if config is None:
         config = run_config(args.resume) if args.resume not in (None, "latest") else None

@@ -1,0 +1,158 @@
+"""The training config: the model's sections (dfm.model) plus data, optimiser and run settings, and the checks
+that the dataclass types cannot express."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import yaml
+
+from dfm.config import ConfigError, config_yaml, upgrade
+from dfm.diffusion.samplers import SamplingError, resolve_sampler
+from dfm.diffusion.schedules import GRIDS
+from dfm.errors import UserError
+from dfm.model import ModelRecipe, backbone_config
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["digits", "folder", "latents"] = "digits"  # latents: a folder written by `dfm preprocess` (root)
+    num_frames: int = 8
+    size: int = 32  # frames are size x size
+    # digits (dfm.data.MovingDigits)
+    num_digits: int = 1
+    colors: Optional[list[str]] = None
+    bounce: bool = False
+    length: int = 10_000  # items per epoch
+    # folder (dfm.data.VideoFolder)
+    root: Optional[str] = None
+    buckets: Optional[list[list[int]]] = None  # [[H, W], ...] aspect buckets (each video to the nearest); None: size x size
+    frame_buckets: Optional[list[int]] = None  # clip lengths (each video gets the longest it supplies); None: num_frames
+    stride: Optional[int] = None
+    fps: Optional[float] = None
+    # loading
+    shuffle: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # on matrices only (not biases, norms, tables)
+    warmup_steps: int = 0  # linear warm-up from 0
+    schedule: Literal["constant", "cosine"] = "constant"  # after the warm-up
+    min_lr: float = 0.0  # the end of the cosine
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
+
+
+@dataclass
+class RunConfig:
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # also stop (checkpoint, validation) at the first log step past this wall time; 0: off
+    batch_size: int = 8  # the global batch (all ranks, all accumulation micro-batches)
+    grad_accum: int = 1
+    output_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500  # 0: only at the end (every run ends with a checkpoint)
+    keep_checkpoints: int = 3  # 0 keeps all
+    validate_every: int = 0  # 0 = never; the videos are sampled as the `sampling` section says
+    val_prompts: list[str] = field(default_factory=list)  # empty: the captions of the first 4 training items
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    compile: bool = False
+    activation_checkpointing: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0  # CPU threads per process; 0: torch's default (on a busy machine 1 is often fastest)
+    progress: bool = True  # the progress bar (rank 0)
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig(ModelRecipe):
+    """The model's sections (dfm.model.ModelRecipe: model, diffusion, sampling, text, autoencoder), then the data,
+    the optimiser and the run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot go on (a non-finite loss, ...); the message is one line that names the fix."""
+
+
+def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Cross-field checks that the dataclass types cannot express; raises ConfigError."""
+    t, o = cfg.train, cfg.optim
+    for key, value in [("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
+                       ("train.grad_accum", t.grad_accum), ("train.log_every", t.log_every),
+                       ("data.num_frames", cfg.data.num_frames), ("data.size", cfg.data.size),
+                       ("sampling.steps", cfg.sampling.steps)]:
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in [("train.checkpoint_every", t.checkpoint_every), ("train.validate_every", t.validate_every),
+                       ("train.keep_checkpoints", t.keep_checkpoints), ("train.seed", t.seed),
+                       ("optim.warmup_steps", o.warmup_steps), ("optim.grad_clip", o.grad_clip),
+                       ("data.num_workers", cfg.data.num_workers), ("train.threads", t.threads),
+                       ("train.max_minutes", t.max_minutes)]:
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if t.batch_size % (world_size * t.grad_accum):
+        raise ConfigError(f"train.batch_size={t.batch_size} (global) must be divisible by world size x grad_accum = "
+                          f"{world_size} x {t.grad_accum}; change train.batch_size or train.grad_accum")
+    if not 0 <= cfg.text.dropout < 1:
+        raise ConfigError(f"text.dropout must be in [0, 1), got {cfg.text.dropout}")
+    if not 0 <= o.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas must be two numbers, got {o.betas}")
+    if cfg.data.dataset == "folder" and not cfg.data.root:
+        raise ConfigError("data.dataset=folder needs data.root=PATH (a folder of videos with captions)")
+    if t.precision == "bf16" and (t.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("train.precision=bf16 needs CUDA (bf16 matmuls are ~500x slower on these CPUs); "
+                          "use train.precision=auto or fp32")
+    s = cfg.sampling
+    if s.grid is not None and s.grid not in GRIDS:
+        raise ConfigError(f"unknown sampling.grid {s.grid!r}; use one of {', '.join(GRIDS)} (or null: the paradigm's)")
+    try:
+        resolve_sampler(s.sampler, cfg.diffusion.paradigm)
+    except SamplingError as e:
+        raise ConfigError(f"sampling.sampler: {e}") from None
+    interval = cfg.sampling.guidance_interval
+    if interval is not None and (len(interval) != 2 or not 0 <= interval[0] < interval[1]):
+        raise ConfigError(f"sampling.guidance_interval must be [lo, hi] with 0 <= lo < hi (EDM sigmas), got {interval}")
+    backbone_config(cfg.model, 3, cfg.text.dim)  # the size name and overrides
+
+
+def config_changes(saved: Path, cfg: TrainConfig) -> list[str]:
+    """'key old -> new' for each setting of `cfg` that differs from the config.yaml a checkpoint was written with
+    ([] if that file is missing, unreadable or not a mapping). A key on one side only shows as (absent)."""
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(old, dict) or not old:
+        return []
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        return out
+
+    # through YAML, so tuples and lists (and other spellings of one value) compare equal
+    before, after = flat(upgrade(TrainConfig, old)), flat(yaml.safe_load(config_yaml(cfg)))
+
+    def show(d, k):
+        return repr(d[k]) if k in d else "(absent)"
+
+    return [f"{k} {show(before, k)} -> {show(after, k)}" for k in sorted(set(before) | set(after))
+            if k not in before or k not in after or before[k] != after[k]]

@@ -1,0 +1,392 @@
+"""The trainer: one `train(config)` for every backbone x paradigm pair (DiT/EDM, WAN/flow, and the crossings).
+
+    dfm train --config configs/wan_flow_digits.yaml train.max_steps=200 train.output_dir=runs/wan
+    torchrun --nproc_per_node 2 -m dfm train --config configs/dit_edm_digits.yaml train.parallel=fsdp
+    dfm train --config configs/wan_flow_digits.yaml --resume              # continue from the latest checkpoint
+
+What is trained is a `dfm.model.DiffusionModule`: the backbone (`model.arch`: wan | dit) and the built-in text
+encoder, with the loss of one paradigm (`diffusion.paradigm`: flow | edm). Video goes through the autoencoder
+(`autoencoder.name`: identity, i.e. pixel space, or a VAE folder) first. The data order and the per-sample noise
+make N ranks reproduce one process and `--resume` the uninterrupted run (dfm.training.data). Validation videos are
+sampled by `dfm.pipeline.Pipeline.generate` as the `sampling` section says: the same path as `dfm generate` on the
+exported model folder.
+
+Output directory: config.yaml (the resolved config), metrics.jsonl (one JSON object per logged step), tb/
+(TensorBoard, if installed), samples/step_XXXXXXXX/ (validation mp4s and contact_sheet.png), checkpoints/step_*/
+(model, EMA, optimizer, RNG and data position, config.yaml, text.json; the last `keep_checkpoints` kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dfm import distributed as D
+from dfm.checkpoint import CheckpointError, find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from dfm.config import config_yaml
+from dfm.model import (DiffusionModule, build_autoencoder, build_backbone, build_text_encoder, sampling_defaults,
+                       sampling_recipe, set_activation_checkpointing)
+from dfm.pipeline.pipeline import Pipeline
+from dfm.text import SmallTextEncoder, WordTokenizer, pad_context
+from dfm.training.config import TrainConfig, TrainingError, check_config, config_changes
+from dfm.training.data import (GlobalOrder, StepBatches, build_dataset, check_latent_dataset, check_stored_text,
+                               collate_batch, keep_captions, vocabulary_captions)
+from dfm.training.logging import Logger
+from dfm.training.optim import EMA, build_optimizer, lr_at
+from dfm.io import write_text_atomic
+from dfm.video import write_contact_sheet, write_video
+
+
+@dataclass
+class Resume:
+    step: int
+    path: Path
+    ckpt: dict
+    vocab: list[str]
+    state: dict  # the trainer's state.json entries (data position, batch size, seed, ...)
+
+
+def find_resume(cfg: TrainConfig, resume: str | None, log) -> Resume | None:
+    """The checkpoint to continue from: None (fresh start), "latest" (under output_dir; none -> fresh), or a path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        path = latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints")
+        if path is None:
+            log(f"--resume: no checkpoint under {cfg.train.output_dir}/checkpoints; starting from step 0")
+            return None
+    else:
+        path = find_checkpoint(resume) or Path(resume)  # none there: load_checkpoint says what is missing
+    ckpt = load_checkpoint(path)
+    try:
+        meta = json.loads((path / "text.json").read_text())
+        vocab = meta["vocab"] if meta.get("type", "small") == "small" else []  # a frozen encoder has none to keep
+    except (OSError, ValueError, KeyError):
+        raise CheckpointError(f"checkpoint {path} has no readable text.json (the text vocabulary); resume from an "
+                              f"earlier step_* folder or start afresh") from None
+    changed = config_changes(path / "config.yaml", cfg)
+    if changed:  # often meant (max_steps, lr), sometimes not (a recipe file passed with --config): say which
+        log(f"resuming from {path} with settings that differ from its config.yaml: {', '.join(changed)} (the new "
+            f"values are used; `dfm train --resume RUN` without --config keeps the run's)")
+    return Resume(int(ckpt["step"]), path, ckpt, vocab, dict(ckpt.get("state") or {}))
+
+
+def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """train.precision: bf16 autocast when asked or on CUDA ("auto"), fp32 otherwise."""
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else torch.float32
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = compute_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+class ModuleText:
+    """The trained small encoder as the pipeline's text encoder, run through the (maybe DDP/FSDP-wrapped) module:
+    .encode(prompts) -> (context [B, L, D] fp32, mask [B, L]), under the run's autocast."""
+
+    def __init__(self, model, text: SmallTextEncoder, device: torch.device, precision: str):
+        self.model, self.tokenizer, self.device, self.precision = model, text.tokenizer, device, precision
+        self.dim, self.max_length = text.dim, text.max_length
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenizer(list(prompts), self.max_length)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with autocast(self.device, self.precision):
+            return self.model("encode", ids, mask).float(), mask  # [B, L, D], [B, L]
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer([prompt], 1 << 30)[0][0])  # <bos> + words, before truncation
+
+
+class Trainer:
+    """State of one run; `train(config)` is `Trainer(config).run()`."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, info: D.DistInfo | None = None):
+        self.cfg = cfg
+        self.info = info if info is not None else D.init_distributed(cfg.train.device)
+        check_config(cfg, self.info.world_size)
+        t = cfg.train
+        self.out = Path(t.output_dir)
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        D.barrier()
+        self.resume = find_resume(cfg, resume, self._notice_early)
+        self.start_step = self.resume.step if self.resume else 0
+        self.log = Logger(self.out, self.info.is_main, t.tensorboard, self.start_step if self.resume else None)
+        if self.info.is_main:
+            write_text_atomic(self.out / "config.yaml", config_yaml(cfg))
+
+        self.dataset = build_dataset(cfg)
+        self.latents = cfg.data.dataset == "latents"  # items hold VAE latents (and maybe text embeddings)
+        self.autoencoder = build_autoencoder(cfg.autoencoder, (cfg.data.num_frames, cfg.data.size, cfg.data.size))
+        self.autoencoder.to(self.info.device)
+        if self.latents:
+            check_latent_dataset(cfg, self.dataset, self.autoencoder)
+        vocab = self.resume.vocab if self.resume else WordTokenizer.from_captions(
+            vocabulary_captions(cfg, self.dataset)).vocab
+        torch.manual_seed(D.derive_seed(t.seed, 0xC0DE))  # identical initial weights on every rank
+        stored = self.dataset.text_encoder if self.latents else None  # embeddings of a given length on disk
+        text = build_text_encoder(cfg.text, vocab, stored.get("max_length") if stored else None)
+        # a frozen encoder (Hugging Face) runs outside the trained module: not in its weights, not under DDP/FSDP
+        self.frozen_text = None if isinstance(text, SmallTextEncoder) else text.to(self.info.device)
+        if self.latents:
+            check_stored_text(cfg, self.dataset, self.frozen_text)
+        if self.frozen_text is None:
+            text.requires_grad_(cfg.text.trainable)
+        net = build_backbone(cfg.model, self.autoencoder.channels, text.dim)
+        module = DiffusionModule(net, text if self.frozen_text is None else None, cfg.diffusion, cfg.text.null)
+        if self.resume:
+            try:
+                D.load_full_state_dict(module, self.resume.ckpt["model"])
+            except ValueError as e:
+                raise CheckpointError(f"{self.resume.path}: {e}; resume with the config it was trained with "
+                                      f"({self.resume.path / 'config.yaml'})") from None
+        if t.activation_checkpointing:
+            set_activation_checkpointing(net)
+        module.to(self.info.device)
+        blocks = [*getattr(net, "blocks", []), *([text] if self.frozen_text is None else [])] \
+            if t.parallel == "fsdp" else []
+        self.model = D.wrap_model(module, self.info, t.parallel, blocks)
+        self.module = module  # the unwrapped DiffusionModule (FSDP2 shards it in place)
+        if t.compile:
+            net.compile_blocks() if hasattr(net, "compile_blocks") else net.compile()
+        self.optimizer = build_optimizer(module, cfg.optim)
+        self.ema = EMA(module, cfg.optim.ema_decay, cfg.optim.ema_warmup)
+        if self.resume:
+            ck = self.resume.ckpt
+            if ck["optimizer"] is None or ck["ema"] is None:
+                raise CheckpointError(f"checkpoint {self.resume.path} lacks the optimizer or EMA state needed to "
+                                      f"resume; start afresh from its weights instead")
+            D.load_optimizer_state(self.optimizer, ck["optimizer"])
+            self.ema.load(ck["ema"])
+            self.resume.ckpt = None  # free the CPU copies
+        # RNG: per rank, and a function of the step, so a resumed run draws what the uninterrupted one would
+        D.seed_process(D.derive_seed(t.seed, self.start_step), self.info.rank)
+        self.trainable = [p for p in module.parameters() if p.requires_grad]
+        self.last_checkpoint = self.resume.path if self.resume else None
+        self.pipeline = self.validation_pipeline()
+        if t.validate_every:  # a prompt the text encoder cannot read, or a bad sampler: now, not at the first validation
+            self.pipeline.check_settings(self.val_prompts())
+
+    def _notice_early(self, msg):
+        if self.info.is_main:
+            print(f"dfm: {msg}", file=sys.stderr, flush=True)
+
+    # -------------------------------------------------------------------------------------------- the loop
+
+    def loader(self) -> DataLoader:
+        t = self.cfg.train
+        sampler = StepBatches(self.start_step, t.max_steps, t.batch_size, t.grad_accum, self.info.rank,
+                              self.info.world_size)
+        return DataLoader(GlobalOrder(self.dataset, t.seed, self.cfg.data.shuffle, t.batch_size), batch_sampler=sampler,
+                          collate_fn=collate_batch, num_workers=self.cfg.data.num_workers,
+                          pin_memory=self.info.device.type == "cuda")
+
+    def conditioning(self, batch: dict):
+        """(text [b, L] token ids or [b, L, D] embeddings, mask [b, L], keep [b]) of a micro-batch; keep = False
+        where the caption is dropped for classifier-free guidance (replaced by the empty prompt or zeros)."""
+        keep = keep_captions(self.cfg.train.seed, batch["sample"], self.cfg.text.dropout)
+        captions, dev, empty = batch["caption"], self.info.device, self.cfg.text.null == "empty"
+        if empty:
+            captions = [c if k else "" for c, k in zip(captions, keep)]
+        if self.frozen_text is None:  # the trained small encoder runs inside the module
+            text = self.module.text
+            ids, mask = text.tokenizer(captions, text.max_length)
+            return ids.to(dev), mask.to(dev), torch.tensor(keep, device=dev)
+        if "context" in batch:  # embeddings stored by `dfm preprocess`; dropped rows become the empty prompt's
+            context, mask = batch["context"], batch["context_mask"]
+            if empty and not all(keep):
+                null, null_mask = pad_context(*self.frozen_text.encode([""]), context.shape[1])
+                drop = ~torch.tensor(keep)
+                context, mask = context.clone(), mask.clone()
+                context[drop], mask[drop] = null[0].to(context.dtype), null_mask[0]
+        else:
+            context, mask = self.frozen_text.encode(captions)  # [b, L, D], [b, L] (cached per prompt)
+        return context.to(dev), mask.to(dev), torch.tensor(keep, device=dev)
+
+    def train_step(self, step: int, micro_batches: list[dict]) -> tuple[float, float, float]:
+        """One optimizer update from this rank's micro-batches: (global mean loss, grad norm, lr)."""
+        cfg, dev = self.cfg, self.info.device
+        lr = lr_at(step, cfg.optim, cfg.train.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        scale = self.info.world_size / cfg.train.batch_size  # DDP / FSDP average over ranks: sum/B overall
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        for a, batch in enumerate(micro_batches):
+            if "latents" in batch:  # encoded once by `dfm preprocess`
+                x0 = batch["latents"].to(dev, non_blocking=True)
+            else:
+                with torch.no_grad():
+                    x0 = self.autoencoder.encode(batch["video"].to(dev, non_blocking=True))
+            ids, mask, keep = self.conditioning(batch)
+            gens = D.sample_generators(cfg.train.seed, batch["sample"].tolist(), 0)
+            with D.gradient_sync(self.model, a == len(micro_batches) - 1):
+                with autocast(dev, cfg.train.precision):
+                    per_sample = self.model("loss", x0, ids, mask, keep, gens)  # [b]
+                (per_sample.float().sum() * scale).backward()
+            loss_sum += per_sample.detach().double().sum()
+        loss = float(D.all_reduce_sum(loss_sum)) / cfg.train.batch_size
+        if not math.isfinite(loss):
+            self.stop(f"loss is {loss} at step {step + 1}")
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        grad_norm = float(grad_norm.full_tensor() if D._is_dtensor(grad_norm) else grad_norm)
+        if not math.isfinite(grad_norm):
+            self.stop(f"the gradient norm is {grad_norm} at step {step + 1} (loss {loss:.4g})")
+        self.optimizer.step()
+        self.ema.update(step)
+        return loss, grad_norm, lr
+
+    def stop(self, what: str) -> None:
+        o = self.cfg.optim
+        last = f"the last good checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint else \
+            "no checkpoint was written yet"
+        raise TrainingError(f"{what}: training stopped; {last}. Try a lower optim.lr (now {o.lr:g}) or "
+                            f"optim.grad_clip (now {o.grad_clip:g}), or check the data")
+
+    def run(self) -> dict:
+        t = self.cfg.train
+        if self.start_step >= t.max_steps:
+            self.log.notice(f"already at step {self.start_step} >= train.max_steps={t.max_steps}; nothing to do")
+            return {"step": self.start_step}
+        if self.resume:
+            self.log.notice(f"resuming from {self.resume.path} (step {self.start_step})")
+            saved = self.resume.state
+            if saved.get("batch_size", t.batch_size) != t.batch_size or saved.get("seed", t.seed) != t.seed:
+                self.log.notice(f"the checkpoint was trained with train.batch_size={saved.get('batch_size')} and "
+                                f"train.seed={saved.get('seed')}; with other values the data order from here on "
+                                f"differs from that run's")
+        if self.info.is_main and t.progress:
+            self.log.bar = tqdm(total=t.max_steps, initial=self.start_step, desc="train", dynamic_ncols=True,
+                                file=sys.stderr)
+        step, window, window_start = self.start_step, [], time.perf_counter()
+        began = window_start
+        micro: list[dict] = []
+        last_loss = float("nan")
+        for batch in self.loader():
+            micro.append(batch)
+            if len(micro) < t.grad_accum:
+                continue
+            loss, grad_norm, lr = self.train_step(step, micro)
+            micro, step, last_loss = [], step + 1, loss
+            window.append(loss)
+            if self.log.bar is not None:
+                self.log.bar.update(1)
+            if step % t.log_every == 0 or step == t.max_steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                rate = len(window) / elapsed
+                record = {"step": step, "loss": sum(window) / len(window), "lr": lr, "grad_norm": grad_norm,
+                          "steps_per_s": rate, "samples_per_s": rate * t.batch_size,
+                          "samples_seen": step * t.batch_size, "time": time.time()}
+                self.log.metrics(record)
+                if self.log.bar is not None:
+                    self.log.bar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{rate:.2f}",
+                                             samples_s=f"{rate * t.batch_size:.1f}")
+                window, window_start = [], time.perf_counter()
+            out_of_time = t.max_minutes > 0 and step % t.log_every == 0 and \
+                bool(D.broadcast_object(time.perf_counter() - began > 60 * t.max_minutes))  # every rank stops alike
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps or out_of_time:
+                self.checkpoint(step, lr)
+            if t.validate_every and (step % t.validate_every == 0 or step == t.max_steps or out_of_time):
+                self.validate(step)
+            if out_of_time:
+                self.log.notice(f"train.max_minutes={t.max_minutes:g} reached at step {step}; stopped with a "
+                                f"checkpoint (--resume continues)")
+                break
+        self.log.close()
+        return {"step": step, "loss": last_loss, "checkpoint": str(self.last_checkpoint)}
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, step: int, lr: float) -> None:
+        """Gather the full state (collective), write it atomically on rank 0, wait for it on every rank."""
+        t = self.cfg.train
+        model_sd = D.full_state_dict(self.model)
+        ema_sd = {**model_sd, **self.ema.full_state_dict()}  # a complete EMA model (frozen parts as they are)
+        opt_sd = D.full_optimizer_state(self.optimizer)
+        path = None
+        if self.info.is_main:
+            text = self.module.text
+            text_meta = {"type": "frozen", "encoder": self.frozen_text.describe()} if self.frozen_text is not None else \
+                {"type": "small", **dataclasses.asdict(text.config), "vocab": text.tokenizer.vocab}
+            extra = {"config.yaml": config_yaml(self.cfg), "text.json": json.dumps(text_meta)}
+            state = {"step": step, "data_position": step * t.batch_size, "batch_size": t.batch_size,
+                     "world_size": self.info.world_size, "seed": t.seed, "lr": lr,
+                     "lr_schedule": self.cfg.optim.schedule, "ema_updates": step}
+            path = save_checkpoint(self.out / "checkpoints", step, model_sd, ema=ema_sd, optimizer=opt_sd,
+                                   state=state, extra_files=extra, keep=t.keep_checkpoints)
+        self.last_checkpoint = Path(D.broadcast_object(str(path) if path else None))
+        D.barrier()
+
+    # ------------------------------------------------------------------------------------- validation
+
+    def val_prompts(self) -> list[str]:
+        prompts = list(self.cfg.train.val_prompts)
+        if prompts:
+            return prompts
+        if self.cfg.data.dataset == "folder":
+            return [c.caption for c in self.dataset.clips[:4]]
+        return [self.dataset[i]["caption"] for i in range(min(4, len(self.dataset)))]
+
+    def validation_pipeline(self) -> Pipeline:
+        """The model as a Pipeline, as `dfm export` would write it: the `sampling` section's grid, sampler and
+        guidance, the data's clip size. Under FSDP2 it runs the wrapped module (every rank samples)."""
+        cfg, dev = self.cfg, self.info.device
+        model = self.model if cfg.train.parallel == "fsdp" else self.module  # FSDP2 hooks need the wrapper
+        text = self.frozen_text if self.frozen_text is not None else \
+            ModuleText(model, self.module.text, dev, cfg.train.precision)
+        defaults = sampling_defaults(cfg, cfg.data.num_frames, cfg.data.size, cfg.data.fps)
+        return Pipeline(model, text, self.autoencoder, arch=cfg.model.arch, paradigm=cfg.diffusion.paradigm,
+                        diffusion=sampling_recipe(cfg), defaults=defaults, null=cfg.text.null, use_mask=True,
+                        device=dev, dtype=compute_dtype(dev, cfg.train.precision))
+
+    @torch.no_grad()
+    def validation_videos(self, prompts: list[str], steps: int | None = None) -> torch.Tensor:
+        """Videos [P, 3, F, H, W] in [-1, 1] for `prompts`, with fixed noise per prompt index (seeded by
+        (train.seed, index), so every validation shows the same noise) — collective under FSDP2."""
+        seeds = [D.derive_seed(self.cfg.train.seed, i, 2) for i in range(len(prompts))]
+        return self.pipeline.generate(prompts, seeds=seeds, steps=steps, progress=False).videos
+
+    def validate(self, step: int) -> None:
+        t = self.cfg.train
+        prompts = self.val_prompts()
+        # FSDP2 needs every rank in each forward; with replicated weights rank 0 samples alone
+        if t.parallel == "fsdp" or self.info.is_main:
+            self.model.eval()
+            with self.ema.swapped():
+                videos = self.validation_videos(prompts)
+            self.model.train()
+        if self.info.is_main:
+            folder = self.out / "samples" / f"step_{step:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, v in enumerate(videos):
+                write_video(folder / f"{i:02d}.mp4", v, fps=self.pipeline.defaults["fps"], pad_odd=True)
+            write_contact_sheet(folder / "contact_sheet.png", videos, labels=prompts)
+            (folder / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+            self.log.notice(f"step {step}: validation samples in {folder}")
+        D.barrier()
+
+
+def train(config: TrainConfig, resume: str | None = None) -> dict:
+    """Train as configured; `resume` is None, "latest" or a checkpoint path. Returns {'step', 'loss', 'checkpoint'}.
+
+    Under torchrun every process calls this. A process group that is not yet set up is created here and destroyed
+    at the end; one the caller created is used and left alone."""
+    info = D.init_distributed(config.train.device)
+    if config.train.threads > 0:
+        torch.set_num_threads(config.train.threads)
+    try:
+        return Trainer(config, resume, info).run()
+    finally:
+        D.teardown(info)
