@@ -197,7 +197,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/<recipe>.yaml")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                              f"{e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML ({first_line(e)}); fix the syntax") from None
         if not isinstance(data, dict):
