@@ -179,8 +179,9 @@ def parse_overrides(cls, overrides: Sequence[str], data: dict | None = None) -> 
             raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. train.max_steps=100)")
         key, raw = item.split("=", 1)
         if key.strip() in renamed:
-            new = renamed[key.strip()][0]
-            raise ConfigError(f"config key '{key.strip()}' is now '{new}'; write {new}={raw}")
+            new = renamed[key.strip()]
+            raise ConfigError(f"config key '{key.strip()}' is now {' and '.join(repr(k) for k in new)}; write "
+                              f"{' '.join(f'{k}={raw}' for k in new)}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:

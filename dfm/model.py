@@ -86,7 +86,8 @@ class SamplingConfig:
     steps: int = 20
     guidance_scale: float = 4.0  # classifier-free guidance w (1: the conditional model alone)
     guidance_rescale: float = 0.0  # phi of Lin et al. 2023 (0: plain CFG)
-    guidance_interval: Optional[list[float]] = None  # [lo, hi] in EDM sigma: guidance only for lo < sigma <= hi
+    guidance_interval: Optional[list[float]] = None  # [lo, hi]: guidance only for lo < level <= hi, in the model's
+    # noise levels (flow: time s in [0, 1]; EDM: sigma)
     grid: Optional[str] = None  # None: the paradigm's (flow: flow_shifted, edm: karras); or any GRIDS name
     shift: float = 1.0  # flow grids: s' = a s / (1 + (a - 1) s)
     sigma_min: float = 0.002  # EDM grids (Karras)
@@ -263,7 +264,7 @@ def sampling_recipe(r: ModelRecipe) -> dict:
     if d.paradigm == "flow":
         return {"grid": grid, "timestep_scale": d.flow.timestep_scale}
     return {"grid": grid, "sigma_data": d.edm.sigma_data, "sigma_min": s.sigma_min, "sigma_max": s.sigma_max,
-            "rho": s.rho}
+            "rho": s.rho}  # the sigma range of the EDM grids; logsnr keeps its own (dfm.pipeline.Pipeline.grid)
 
 
 def sampling_defaults(r: ModelRecipe, num_frames: int, size: int, fps: float | None = None) -> dict:

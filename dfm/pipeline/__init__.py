@@ -17,9 +17,10 @@ One generation (`Pipeline.generate`):
                 D(x, sigma) (DiffusionModule.denoise: flow models through the exact x0 = x_s - s v), then any sampler
                 of either space through the exact adapters of dfm.diffusion.paths: `edm:NAME` (samplers.SAMPLERS)
                 integrates in sigma, `flow:NAME` (samplers.FLOW_SAMPLERS) in flow time s, a bare NAME in the
-                model's own space first. The grid is the model's (flow: shifted s from 1; EDM: Karras), seen by
-                the other space through sigma = s / (1 - s); an EDM-space sampler takes the first step from s ~ 1
-                in closed form (see guided_sample)
+                model's own space first. The grid is the model's (by default flow: shifted s from 1; EDM:
+                Karras) or `grid=` (dfm.diffusion.schedules), seen by the other space through sigma = s / (1 - s);
+                an EDM-space sampler takes the first step from s ~ 1 in closed form (see guided_sample). Guidance
+                rescale and a guidance interval apply inside CFGDenoiser
     4. decode:  the VAE (or the identity, in pixel space) -> videos in [-1, 1]
 
 The trainer's validation videos are `Pipeline.generate` on the model being trained (dfm.training.trainer,
