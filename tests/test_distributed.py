@@ -42,8 +42,20 @@ def write_config(path: Path, extra: dict | None = None) -> Path:
     return path
 
 
-def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+def losses(out: Path, key: str = "loss") -> list[float]:
+    return [json.loads(line)[key] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def grad_norms(out: Path) -> list[float]:
+    """The global gradient norm of each step, before clipping: scale-sensitive where AdamW's update is not."""
+    return losses(out, "grad_norm")
+
+
+# AdamW as plain SGD with learning rate lr / eps = 0.1 (eps >> |g|: the update is lr * g / (|g| + eps)), so the
+# weights see the gradients' size; weight decay off; 2 steps. optim.grad_clip stays 1.0, below the measured
+# pre-clip norms (WAN 3.03, 2.91; DiT 1.95, 1.92): clipping bites, so the weights also check that the clip uses
+# the global norm (an FSDP2 shard's own norm would scale each shard differently, which AdamW would hide).
+SGD = ["optim.eps=100", "optim.lr=10", "optim.weight_decay=0", "optim.warmup_steps=0", "train.max_steps=2"]
 
 
 def torchrun(runs: list[list[str]], tmp_path: Path, nproc: int = 2) -> None:
@@ -63,12 +75,15 @@ def torchrun(runs: list[list[str]], tmp_path: Path, nproc: int = 2) -> None:
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """Two 2-process gloo runs, 3 steps each: WAN/flow under DDP, and DiT/EDM under FSDP2 with grad_accum=2
-    (gradient sync skipped on the first micro-batch)."""
+    (gradient sync skipped on the first micro-batch); then the same two pairs for 2 SGD-like steps (SGD above)."""
     tmp = tmp_path_factory.mktemp("dist")
     wan, dit = write_config(tmp / "wan.yaml"), write_config(tmp / "dit.yaml", DIT)
     torchrun([["train", "--config", str(wan), f"train.output_dir={tmp / 'ddp'}", "train.parallel=ddp"],
               ["train", "--config", str(dit), f"train.output_dir={tmp / 'fsdp'}", "train.parallel=fsdp",
-               "train.grad_accum=2"]], tmp)
+               "train.grad_accum=2"],
+              ["train", "--config", str(wan), f"train.output_dir={tmp / 'ddp_sgd'}", "train.parallel=ddp", *SGD],
+              ["train", "--config", str(dit), f"train.output_dir={tmp / 'fsdp_sgd'}", "train.parallel=fsdp",
+               "train.grad_accum=2", *SGD]], tmp)
     return {"tmp": tmp, "wan": wan, "dit": dit}
 
 
@@ -90,6 +105,9 @@ def test_ddp_two_processes_match_one_process(launched, tmp_path):
     ddp = losses(launched["tmp"] / "ddp")
     assert len(ddp) == 3
     torch.testing.assert_close(torch.tensor(ddp), torch.tensor(ref), rtol=1e-5, atol=0)
+    # the gradients' scale: sum over the global batch / B on every rank count (a dropped world-size factor halves it)
+    torch.testing.assert_close(torch.tensor(grad_norms(launched["tmp"] / "ddp")), torch.tensor(grad_norms(
+        tmp_path / "one")), rtol=1e-5, atol=0)
     assert_same_weights(launched["tmp"] / "ddp", tmp_path / "one", atol=1e-5)
 
 
@@ -97,6 +115,8 @@ def test_fsdp2_trains_and_its_checkpoint_loads_and_resumes_in_one_process(launch
     cfg_file, fsdp = launched["dit"], launched["tmp"] / "fsdp"
     ref = one_process(cfg_file, tmp_path / "one")
     torch.testing.assert_close(torch.tensor(losses(fsdp)), torch.tensor(ref), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(grad_norms(fsdp)), torch.tensor(grad_norms(tmp_path / "one")), rtol=1e-5,
+                               atol=0)
     assert_same_weights(fsdp, tmp_path / "one", atol=1e-5)
 
     # the sharded run's checkpoint is a plain one: it loads into an unwrapped module ...
@@ -113,6 +133,22 @@ def test_fsdp2_trains_and_its_checkpoint_loads_and_resumes_in_one_process(launch
     cont = one_process(cfg_file, tmp_path / "one", "train.max_steps=5")  # continues "one" from its step 3
     assert resumed["step"] == 5 and math.isfinite(resumed["loss"])
     torch.testing.assert_close(torch.tensor(losses(fsdp)), torch.tensor(cont), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("run, config", [("ddp_sgd", "wan"), ("fsdp_sgd", "dit")])
+def test_gradients_and_sgd_steps_match_one_process_with_clipping(launched, tmp_path, run, config):
+    """The gradients themselves, not an AdamW update (which is scale-invariant): DDP (WAN/flow) and FSDP2 with
+    grad_accum=2 (DiT/EDM), 2 processes, against 1 process on the same global batch."""
+    extra = ["train.grad_accum=2"] if run == "fsdp_sgd" else []
+    one_process(launched[config], tmp_path / "one", *SGD, *extra)
+    two, one = grad_norms(launched["tmp"] / run), grad_norms(tmp_path / "one")
+    assert len(two) == 2 and min(one) > 1.0, one  # clipping (optim.grad_clip=1) bites at both steps
+    # measured |relative difference| <= 1.5e-7 (0 at step 1); a dropped world-size factor halves the norms
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(losses(launched["tmp"] / run)), torch.tensor(losses(tmp_path / "one")),
+                               rtol=1e-5, atol=0)
+    # weights after 2 SGD-like steps of 0.1 x the clipped gradient: measured max |diff| 6.0e-8 (DDP), 7.5e-9 (FSDP2)
+    assert_same_weights(launched["tmp"] / run, tmp_path / "one", atol=1e-6)
 
 
 def test_sample_noise_is_independent_of_rank_and_batch():

@@ -120,6 +120,7 @@ def assert_checkpointing_changes_nothing(net, *inputs, **kwargs):
 
 
 def test_bf16_cast_and_checkpointing():
+    torch.manual_seed(0)
     net = randomize(DiT(tiny(adaln_lora_rank=4, fps_embedding=True)))
     x, c_noise, context, mask = batch(F=2, H=4, W=4)
     assert_checkpointing_changes_nothing(net, x, c_noise, context, mask, fps=24.0)
@@ -129,4 +130,72 @@ def test_bf16_cast_and_checkpointing():
         assert net.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
         assert net.blocks[0].adaln.up.weight.dtype == torch.float32 and net.t_embedder.fc1.weight.dtype == torch.float32
         out = net(x, c_noise, context, mask)
-    assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1 * ref.abs().max()
+    assert out.dtype == torch.float32
+    err = out - ref
+    # measured (seed 0, CPU): max |err| 0.0130, RMS 0.0042 (max |ref| 3.1); bounds 2x that
+    assert err.abs().max() < 0.026 and err.pow(2).mean().sqrt() < 0.0085, (err.abs().max(), err.pow(2).mean().sqrt())
+    assert err.abs().max() > 0  # the bf16 weights were really used
+
+
+def time_path(net, x, c_noise, context, mask, autocast=False):
+    """(output, {time embedding, conditioning c and adaLN modulation of every block, final layer's adaLN})."""
+    rec = {}
+
+    def keep(name):
+        return lambda m, a, out: rec.__setitem__(name, out)
+
+    hooks = [net.t_embedder.register_forward_hook(keep("temb")), net.final.adaln.register_forward_hook(keep("final"))]
+    for i, block in enumerate(net.blocks):  # block(x, c, grid, ...)
+        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: rec.__setitem__(f"c{i}", a[1])))
+        hooks.append(block.adaln.register_forward_hook(keep(f"adaln{i}")))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = net(x, c_noise, context, mask, fps=24.0)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, rec
+
+
+def test_bf16_weights_time_path_is_the_fp32_one():
+    """The time path on its own: with bf16 weights the noise embedding, the conditioning vector and every adaLN
+    modulation are fp32 and bit-identical to the fp32 model's, and c_noise 999 vs 999.5 (DiT's 0..999 convention;
+    bf16's spacing there is 4) still gives different outputs. A c_noise rounded to the weights' dtype (planted in a
+    copy) moves the time embedding by 2.8e-4 and makes 999 and 999.5 give identical outputs; the output-level check
+    above cannot see it at EDM's c_noise = ln(sigma)/4 (max |err| 0.0135 with it, 0.0130 without)."""
+    import copy
+
+    torch.manual_seed(0)
+    fp32 = randomize(DiT(tiny(adaln_lora_rank=4, fps_embedding=True)))
+    bf16 = copy.deepcopy(fp32).cast(torch.bfloat16)
+    x, c_noise, context, mask = batch(F=2, H=4, W=4)
+    for t in (c_noise, torch.tensor([999.0, 0.3])):
+        _, want = time_path(fp32, x, t, context, mask)
+        _, got = time_path(bf16, x, t, context, mask)
+        assert want.keys() == got.keys() and len(got) == 2 + 2 * len(bf16.blocks)
+        for k in want:
+            assert got[k].dtype == torch.float32, k
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    # measured max |change| of the output from 999 to 999.5: 0.075 in fp32, 0.080 with bf16 weights; 0 with the planted bug
+    changes = []
+    for net in (fp32, bf16):
+        a, _ = time_path(net, x, torch.tensor([999.0, 0.3]), context, mask)
+        b, _ = time_path(net, x, torch.tensor([999.5, 0.3]), context, mask)
+        assert torch.equal(a[1], b[1])
+        changes.append((a[0] - b[0]).abs().max())
+    assert changes[0] > 0.01 and changes[1] > 0.5 * changes[0], changes
+
+
+@pytest.mark.xfail(strict=True, reason="dfm bug (reported from issue 14): under torch.autocast(bf16), which the "
+                   "trainer (CUDA) and the bf16 Pipeline use, the time embedder's and adaLN's F.linear run in bf16 "
+                   "(measured: the conditioning vector is 7.1e-3 off the fp32 one). Remove this mark when the time "
+                   "path disables autocast.")
+def test_autocast_time_path_is_fp32():
+    torch.manual_seed(0)
+    net = randomize(DiT(tiny(adaln_lora_rank=4, fps_embedding=True)))
+    x, c_noise, context, mask = batch(F=2, H=4, W=4)
+    _, want = time_path(net, x, c_noise, context, mask)
+    _, got = time_path(net, x, c_noise, context, mask, autocast=True)
+    for k in want:
+        assert got[k].dtype == torch.float32, (k, got[k].dtype)
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)

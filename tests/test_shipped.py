@@ -39,8 +39,14 @@ def test_shipped_models_describe_themselves():
 
 @pytest.mark.parametrize("name", ["wan_flow_digits", "dit_edm_digits"])
 def test_shipped_model_in_bf16_stays_close_to_fp32(name):
-    """The mixed-precision path (bf16 weights, fp32 time path / modulation / norms / residual stream) that a GPU
-    runs, exercised on the CPU: the videos stay close to the fp32 ones (measured: RMS 0.003-0.005, max 0.03-0.04)."""
+    """The mixed-precision path (bf16 weights under bf16 autocast; fp32 norms, residual stream and time-path weights)
+    that a GPU runs, exercised on the CPU: the videos stay close to the fp32 ones. (Under autocast the time path's
+    matmuls still run in bf16 today: the xfail tests test_autocast_time_path_is_fp32 in test_wan.py / test_dit.py.)
+
+    A floor only. Measured (2 prompts, CPU): RMS 0.0050 / 0.0054 and max 0.042 / 0.050 (WAN / DiT); the bounds are
+    2x the larger. It cannot see the classic precision bug: a timestep rounded to the weights' dtype (planted in a
+    copy) gives RMS 0.0045 / 0.0083 and max 0.042 / 0.100, both inside. The time path is checked on its own, exactly,
+    in test_wan.py / test_dit.py (test_bf16_weights_time_path_is_the_fp32_one)."""
     import torch
 
     prompts, seeds = ["the digit 3 moves up", "the digit 8 moves to the left"], [0, 1]
@@ -51,7 +57,7 @@ def test_shipped_model_in_bf16_stays_close_to_fp32(name):
     bf16 = pipe.generate(prompts, seeds=seeds, progress=False).videos
     assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
     err = bf16 - fp32
-    assert err.pow(2).mean().sqrt() < 0.02 and err.abs().max() < 0.2, (err.pow(2).mean().sqrt(), err.abs().max())
+    assert err.pow(2).mean().sqrt() < 0.011 and err.abs().max() < 0.1, (err.pow(2).mean().sqrt(), err.abs().max())
     assert err.abs().max() > 0  # the bf16 weights were really used
 
 

@@ -193,7 +193,64 @@ def test_bf16_keeps_time_path_and_norms_fp32(reference):
         out = model(x, t, context)
         ref = WanModel.from_pretrained(reference[1])(x, t, context)
     assert out.dtype == x.dtype
-    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    err = out - ref
+    # measured (this tiny model, these inputs, CPU): max |err| 0.0102, RMS 0.0023 (max |ref| 2.2); bounds 2x that.
+    # A timestep rounded to the weights' dtype (NeMo DFM's bug) makes them 0.059 and 0.0153.
+    assert err.abs().max() < 0.02 and err.pow(2).mean().sqrt() < 0.005, (err.abs().max(), err.pow(2).mean().sqrt())
+    assert err.abs().max() > 0  # the bf16 weights were really used
+
+
+def time_path(model, x, t, context, autocast=False):
+    """(output, {time embedding [B, D], each block's modulation input t_mod [B, 6, D]}) of one forward."""
+    rec = {}
+    hooks = [model.time_embedder.register_forward_hook(lambda m, a, out: rec.__setitem__("temb", out))]
+    for i, block in enumerate(model.blocks):  # block(x, context, t_mod, rope, context_mask)
+        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: rec.__setitem__(f"t_mod{i}", a[2])))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x, t, context)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, rec
+
+
+def test_bf16_weights_time_path_is_the_fp32_one(reference):
+    """The time path on its own: with bf16 weights the time embedding and every block's modulation are fp32 and
+    bit-identical to the fp32 model's (they only ever see fp32 weights and an fp32 t), and timesteps closer than
+    bf16's spacing near 1000 (4.0) still give different videos. A timestep rounded to bf16 (NeMo DFM) breaks both:
+    999 and 999.5 both become 1000, and the time embedding moves by 0.059 (measured on a planted copy)."""
+    fp32, bf16 = WanModel.from_pretrained(reference[1]), WanModel.from_pretrained(reference[1], dtype=torch.bfloat16)
+    x, t, context = inputs()  # t = [999, 3.5]: 999 is not a bf16 number
+    _, want = time_path(fp32, x, t, context)
+    _, got = time_path(bf16, x, t, context)
+    assert want.keys() == got.keys() and len(got) == 1 + len(bf16.blocks)
+    for k in want:
+        assert got[k].dtype == torch.float32, k
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    # 999 vs 999.5: measured max |change| of the output 0.0271 in fp32, 0.0273 with bf16 weights; the planted
+    # bug gives exactly 0. Row 1 (t = 3.5 both times) must not move.
+    changes = []
+    for model in (fp32, bf16):
+        a, _ = time_path(model, x, torch.tensor([999.0, 3.5]), context)
+        b, _ = time_path(model, x, torch.tensor([999.5, 3.5]), context)
+        assert torch.equal(a[1], b[1])
+        changes.append((a[0] - b[0]).abs().max())
+    assert changes[0] > 0.01 and changes[1] > 0.5 * changes[0], changes
+
+
+@pytest.mark.xfail(strict=True, reason="dfm bug (reported from issue 14): under torch.autocast(bf16), which the "
+                   "trainer (CUDA) and the bf16 Pipeline use, the time embedder's and time_proj's F.linear run in "
+                   "bf16 (measured: the time embedding is 1.6e-3 off the fp32 one); Wan's reference runs them under "
+                   "autocast(float32). Remove this mark when the time path disables autocast.")
+def test_autocast_time_path_is_fp32(reference):
+    model = WanModel.from_pretrained(reference[1])
+    x, t, context = inputs()
+    _, want = time_path(model, x, t, context)
+    _, got = time_path(model, x, t, context, autocast=True)
+    for k in want:
+        assert got[k].dtype == torch.float32, (k, got[k].dtype)
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_gradient_checkpointing_same_gradients(reference):
