@@ -14,12 +14,15 @@ import argparse
 import importlib
 import importlib.util
 import os
+import signal
 import sys
+from pathlib import Path
 
-from dfm.checkpoint import run_config
+from dfm.checkpoint import resume_candidates, run_config
 from dfm.config import config_yaml, load_config
 from dfm.errors import UserError, first_line
 from dfm.training import TrainConfig, check_config, train
+from dfm.training.runs import run_dir_of
 
 
 # modules that define `add_commands(subparsers)`; one module per command family keeps this file small
@@ -30,6 +33,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage first)
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+class _TrainParser(_Parser):
+    """`dfm train`'s parser: key=value overrides may come after `--resume PATH` too (argparse alone takes the
+    positionals in one run, so `dfm train a=1 --resume RUN b=2` would leave b=2 unrecognized)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extra = super().parse_known_args(args, namespace)
+        late = [a for a in extra if "=" in a and not a.startswith("-")]
+        ns.overrides = [*ns.overrides, *late]
+        return ns, [a for a in extra if a not in late]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                    help="continue from a checkpoint: the latest under train.output_dir, or PATH (a step_* folder, "
                         "a checkpoints folder or an output directory)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (before or after "
+                   "--resume PATH)")
+    p.__class__ = _TrainParser  # key=value also after `--resume PATH`
     p.set_defaults(func=cmd_train)
     for name in COMMAND_MODULES:  # each adds its subcommands: add_commands(sub) -> parsers with func=...
         if importlib.util.find_spec(name) is not None and hasattr(module := importlib.import_module(name), "add_commands"):
@@ -55,18 +71,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    """A fresh run (--config), or the continuation of one (--resume [PATH]): the run's own folder and config.yaml,
+    with key=value overrides on either side of --resume (the settings that change are named). What would split or
+    restart a resumed run (train.output_dir elsewhere, train.overwrite=true) is refused."""
+    resume, overrides = args.resume, list(args.overrides)
+    if resume not in (None, "latest") and "=" in resume and not Path(resume).exists():
+        resume, overrides = "latest", [resume, *overrides]  # `--resume key=value`: the latest, and an override
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
     config_path = args.config
-    if config_path is None:
-        config_path = run_config(args.resume) if args.resume not in (None, "latest") else None
+    if resume not in (None, "latest"):
+        found = resume_candidates(resume)[0][0]  # not found / no checkpoint there: one line saying so
+        if "train.overwrite" in given and given["train.overwrite"].strip().lower() in ("true", "yes", "on", "1"):
+            raise _UsageError("train.overwrite=true starts a new run (moving the old one aside); it does not "
+                              "combine with --resume: leave one of the two out")
+        run = run_dir_of(found)
+        if "train.output_dir" in given and run is not None and \
+                Path(given["train.output_dir"].strip()).resolve() != run.resolve():
+            raise _UsageError(f"--resume {resume} continues the run in {run}, where it was read from; "
+                              f"train.output_dir={given['train.output_dir'].strip()} would split it: leave it out, or "
+                              f"copy the run there first and resume the copy")
         if config_path is None:
-            raise _UsageError("dfm train needs --config YAML (or --resume PATH to a checkpoint with its config.yaml)")
-    cfg = load_config(TrainConfig, config_path, args.overrides)
+            config_path = run_config(resume)
+            if config_path is None:
+                raise _UsageError(f"--resume {resume}: the checkpoint has no config.yaml beside it; pass --config YAML "
+                                  f"(the recipe it was trained with)")
+    elif config_path is None:
+        raise _UsageError("dfm train needs --config YAML (or --resume PATH to a checkpoint with its config.yaml)")
+    cfg = load_config(TrainConfig, config_path, overrides)
     if args.dry_run:
         check_config(cfg)
         sys.stdout.write(config_yaml(cfg))
         return 0
-    result = train(cfg, resume=args.resume)
-    if result.get("checkpoint"):
+    result = train(cfg, resume=resume)
+    say = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
+    if result.get("signal"):
+        if say:
+            print(f"dfm train: stopped by {signal.Signals(result['signal']).name} at step {result['step']}; "
+                  f"checkpoint {result['checkpoint']} (`dfm train --resume {cfg.train.output_dir}` continues)",
+                  file=sys.stderr)
+        return 128 + result["signal"]
+    if result.get("checkpoint") and say:
         print(f"dfm: done at step {result['step']}; checkpoint {result['checkpoint']}", file=sys.stderr)
     return 0
 

@@ -117,3 +117,46 @@ def test_find_checkpoint_and_run_config_from_any_path_a_user_gives(tmp_path):
     assert run_config(step1).read_text() == "step: 1\n" and run_config(run) == run / "config.yaml"
     assert run_config(run / "checkpoints") == run / "config.yaml"  # the one beside it
     assert run_config(tmp_path / "missing") is None
+
+
+def test_keep_last_k_never_deletes_another_runs_checkpoints(tmp_path):
+    m, _ = _model_and_opt()
+    for s in (10, 20, 30):  # an older run with higher step numbers
+        save_checkpoint(tmp_path, s, m.state_dict(), state={"run": "old"}, keep=2)
+    for s in (1, 2, 3):
+        save_checkpoint(tmp_path, s, m.state_dict(), state={"run": "new"}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003", "step_00000020",
+                                                             "step_00000030"]
+
+
+@pytest.mark.parametrize("meta", [{"step": "3"}, {"step": True}, {"step": -1}, {"step": 4}, {"state": [1]},
+                                  {"optimizer": {"param_groups": "x"}}, {"optimizer": {"param_groups": [1]}},
+                                  {"optimizer": []}, "[1, 2]"])
+def test_a_hand_edited_state_json_is_a_checkpoint_error(tmp_path, meta):
+    import json
+
+    m, opt = _model_and_opt()
+    path = save_checkpoint(tmp_path, 3, m.state_dict(), optimizer=opt.state_dict())
+    good = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(meta if isinstance(meta, str) else json.dumps({**good, **meta}))
+    with pytest.raises(CheckpointError, match="step_00000003.*state.json"):
+        load_checkpoint(path)
+
+
+def test_weight_health_is_finite_and_sane():
+    from dfm.checkpoint import checkpoint_health
+
+    ok = checkpoint_health({"w": torch.ones(3), "i": torch.arange(3)}, loss=0.5)
+    assert ok["good"] and ok["max_abs_weight"] == 1.0
+    big = checkpoint_health({"w": torch.tensor([1.0, -6e29])}, loss=0.5)
+    assert not big["good"] and "6e+29" in big["why"]
+    nan = checkpoint_health({"w": torch.tensor([1.0, float("nan")])}, loss=0.5)
+    assert not nan["good"] and "not finite" in nan["why"]
+    assert not checkpoint_health({"w": torch.ones(1)}, loss=float("inf"))["good"]
+
+
+def test_pruning_keeps_the_newest_good_checkpoint_of_a_diverging_run(tmp_path):
+    m, _ = _model_and_opt()
+    for s, good in [(1, True), (2, True), (3, False), (4, False), (5, False)]:
+        save_checkpoint(tmp_path, s, m.state_dict(), state={"run": "r", "health": {"good": good}}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004", "step_00000005"]

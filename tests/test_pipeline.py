@@ -476,3 +476,89 @@ def test_old_config_keys_load_moved_and_are_named_on_the_command_line(tmp_path):
 
     with pytest.raises(ConfigError, match=r"'train.val_steps' is now 'sampling.steps'; write sampling.steps=3"):
         load_config(TrainConfig, None, ["train.val_steps=3"])
+
+
+# ------------------------------------------------------------------ issue 13: what `dfm export` may replace
+# --force replaces a model folder that dfm export wrote (and nothing else), atomically; OUT is checked first.
+
+
+def _export(capsys, *args) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    rc = cli.main(["export", *map(str, args)])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_export_force_never_deletes_other_files(runs, tmp_path, capsys):
+    ckpt = runs["wan_flow"][1]
+    notes = tmp_path / "p"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("x\n")
+    rc, err = _export(capsys, ckpt, notes, "--force")
+    assert rc == 2 and len(err) == 1 and "not a dfm model folder" in err[0], err
+    assert (notes / "notes.txt").read_text() == "x\n" and sorted(p.name for p in notes.iterdir()) == ["notes.txt"]
+    # a model folder with a file of the user's inside: refused too, naming it
+    model = tmp_path / "model"
+    shutil.copytree(runs["wan_flow"][2], model)
+    (model / "notes.txt").write_text("mine\n")
+    rc, err = _export(capsys, ckpt, model, "--force")
+    assert rc == 2 and len(err) == 1 and "notes.txt" in err[0], err
+    assert (model / "notes.txt").read_text() == "mine\n"
+
+
+def test_export_force_replaces_a_model_folder_atomically(runs, tmp_path, capsys, monkeypatch):
+    from dfm.pipeline import folders
+
+    model = tmp_path / "model"
+    shutil.copytree(runs["dit_edm"][2], model)
+    (model / "model_index.json").write_text((model / "model_index.json").read_text().replace('"steps": 3', '"steps": 9'))
+    before = {str(p.relative_to(model)): p.read_bytes() for p in model.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(folders, "_save_transformer", broken)  # the write fails halfway
+    rc, err = _export(capsys, runs["dit_edm"][1], model, "--force")
+    assert rc == 2 and len(err) == 1 and "No space left" in err[0], err
+    assert {str(p.relative_to(model)): p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
+    monkeypatch.undo()
+    rc, err = _export(capsys, runs["dit_edm"][1], model, "--force")
+    assert rc == 0, err
+    assert json.loads((model / "model_index.json").read_text())["defaults"]["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_export_out_is_checked_before_any_work(runs, tmp_path, capsys, monkeypatch):
+    from dfm.pipeline import folders
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before OUT was checked")
+
+    monkeypatch.setattr(folders, "pipeline_from_checkpoint", no_work)
+    a_file = tmp_path / "model.bin"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "model"):
+        rc, err = _export(capsys, runs["wan_flow"][1], out)
+        assert rc == 2 and len(err) == 1 and "is a file" in err[0], err
+    assert a_file.read_text() == "x"
+
+
+def test_export_of_a_vae_run_is_how_a_vae_reaches_models(tmp_path, capsys):
+    from test_vae import SMALL_RUN, TINY as VAE_TINY
+
+    from dfm.training.vae_trainer import VAETrainConfig, train_vae
+    from dfm.vae import load_vae
+
+    run = tmp_path / "vae_run"
+    train_vae(load_config(VAETrainConfig, None, VAE_TINY + SMALL_RUN + [f"train.output_dir={run}",
+                                                                      "train.eval_clips=2"]))
+    out = tmp_path / "vae_digits"
+    rc, err = _export(capsys, run, out)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "eval.json", "model.safetensors"]
+    a, b = load_vae(out).state_dict(), load_vae(run / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _export(capsys, run, out)[0] == 2  # exists: --force to replace
+    assert _export(capsys, run, out, "--force")[0] == 0
+    rc, err = _export(capsys, run, tmp_path / "x", "--steps", "4")
+    assert rc == 2 and len(err) == 1 and "steps" in err[0] and not (tmp_path / "x").exists()

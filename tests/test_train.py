@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -200,6 +201,68 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, monkey
     assert all(torch.isfinite(v).all() for v in load_checkpoint(ckpt)["model"].values())
 
 
+def test_nan_guard_names_the_last_checkpoint_that_is_really_good(tmp_path, monkeypatch, capsys):
+    """Weights blown up to ~6e29 at step 4 (the loss still finite), the checkpoint written, then a NaN loss at
+    step 5: the good checkpoint is step 2, and the message says step 4's is not one and why."""
+    from dfm.training import Trainer
+
+    real_step, calls = Trainer.train_step, {"n": 0}
+    real_loss = DiffusionModule.loss
+
+    def train_step(self, step, micro):
+        out = real_step(self, step, micro)
+        if step + 1 == 4:
+            with torch.no_grad():
+                next(p for p in self.module.parameters() if p.ndim == 2).mul_(1e30)
+        return out
+
+    def loss(self, *args, **kwargs):
+        calls["n"] += 1
+        out = real_loss(self, *args, **kwargs)
+        return out * float("nan") if calls["n"] == 5 else out
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(DiffusionModule, "loss", loss)
+    cfg_file = write_config(tmp_path / "c.yaml")
+    out = tmp_path / "nan"
+    rc = cli.main(["train", "--config", str(cfg_file), f"train.output_dir={out}", "train.checkpoint_every=2",
+                   "train.keep_checkpoints=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in "\n".join(err)
+    last = err[-1]
+    assert "loss is nan at step 5" in last and re.search(r"last good checkpoint is \S*step_00000002", last), last
+    assert re.search(r"step_00000004 is not .*weights up to \S+e\+\d\d", last), last  # named, and why
+    states = {p.name: json.loads((p / "state.json").read_text())["state"] for p in list_checkpoints(out / "checkpoints")}
+    assert states["step_00000002"]["health"]["good"] and not states["step_00000004"]["health"]["good"]
+    assert math.isfinite(states["step_00000004"]["loss"])  # the loss alone did not tell
+
+
+SIGNAL_AT_STEP = """
+import os, signal, dfm.training.trainer as T
+_step = T.Trainer.train_step
+def train_step(self, step, micro):
+    if step + 1 == {step}:
+        os.kill(os.getpid(), signal.{sig})
+    return _step(self, step, micro)
+T.Trainer.train_step = train_step
+"""
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_sigint_and_sigterm_save_a_checkpoint_then_exit_with_the_usual_code(reference, tmp_path, sig, code):
+    cfg_file = write_config(tmp_path / "c.yaml", train={"checkpoint_every": 0})
+    out = tmp_path / "stopped"
+    proc = run_cli("train", "--config", str(cfg_file), f"train.output_dir={out}",
+                   env_code=SIGNAL_AT_STEP.format(step=4, sig=sig))
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000004"]  # step 4 finished, saved
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"stopped by {sig} at step 4" in last and "--resume" in last and "Traceback" not in proc.stderr, last
+    assert not list((out / "checkpoints").glob("*.tmp-*"))
+    assert train(load_config(TrainConfig, cfg_file, [f"train.output_dir={out}"]), resume="latest")["step"] == 6
+    assert losses(out) == reference["losses"]  # nothing lost: the same run as an uninterrupted one
+
+
 def test_unknown_keys_are_one_line_errors(tmp_path, capsys):
     cfg_file = write_config(tmp_path / "c.yaml")
     assert cli.main(["train", "--config", str(cfg_file), "train.max_stepz=3"]) == 2
@@ -225,7 +288,7 @@ def test_dry_run_prints_resolved_config_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_corrupt_checkpoint_is_a_one_line_error(reference, tmp_path, capsys):
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(reference, tmp_path, capsys):
     import shutil
 
     out = tmp_path / "corrupt"
@@ -234,7 +297,22 @@ def test_corrupt_checkpoint_is_a_one_line_error(reference, tmp_path, capsys):
     cfg_file = write_config(tmp_path / "c.yaml")
     rc = cli.main(["train", "--config", str(cfg_file), f"train.output_dir={out}", "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and "corrupt" in err[-1] and "Traceback" not in "\n".join(err)
+    assert rc == 0 and "Traceback" not in "\n".join(err), err
+    said = [line for line in err if "step_00000006" in line and "step_00000003" in line]
+    assert said and "model.safetensors" in said[0] and "intact" in said[0], err  # which one, and why
+    assert losses(out) == {s: v for s, v in reference["losses"].items() if s > 3}  # steps 4..6 redone exactly
+    # a step_* folder named explicitly is what the user chose: no fallback, one line naming the way on
+    bad = out / "checkpoints" / "step_00000006"
+    (bad / "ema.safetensors").write_bytes(b"garbage")
+    rc = cli.main(["train", "--config", str(cfg_file), f"train.output_dir={out}", "--resume", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "corrupt" in err[0] and "step_00000003" in err[0], err
+    # nothing intact at all: one line
+    for ckpt in list_checkpoints(out / "checkpoints"):
+        (ckpt / "model.safetensors").write_bytes(b"garbage")
+    rc = cli.main(["train", "--config", str(cfg_file), f"train.output_dir={out}", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no intact checkpoint" in err[0], err
 
 
 def test_corrupt_video_in_folder_is_skipped(tmp_path):

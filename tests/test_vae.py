@@ -346,6 +346,59 @@ def test_train_vae_config_checks():
         load_config(VAETrainConfig, None, ["model.latent_channel=4"])
 
 
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_RUN = ["train.max_steps=1", "train.batch_size=2", "data.length=4", "train.stats_clips=2", "train.eval_clips=0",
+             "train.checkpoint_every=0", "train.threads=0"]
+
+
+def test_the_two_vae_recipes_write_their_models_under_output_dir_and_never_into_models(tmp_path, monkeypatch):
+    """configs/vae_digits.yaml then configs/vae_digits_decoder.yaml, one step each, with train.output_dir moved:
+    each model lands in OUTPUT/model (run from a scratch directory, so a wrong place is never the repository's)."""
+    monkeypatch.chdir(tmp_path)
+    stage1 = load_config(VAETrainConfig, ROOT / "configs" / "vae_digits.yaml",
+                         SMALL_RUN + [f"train.output_dir={tmp_path / 'vae1'}"])
+    assert train_vae(stage1)["model"] == str(tmp_path / "vae1" / "model")
+    stage2 = load_config(VAETrainConfig, ROOT / "configs" / "vae_digits_decoder.yaml",
+                         SMALL_RUN + [f"train.output_dir={tmp_path / 'vae2'}", f"train.init_from={tmp_path / 'vae1' / 'model'}"])
+    assert train_vae(stage2)["model"] == str(tmp_path / "vae2" / "model")
+    assert load_vae(tmp_path / "vae2" / "model").config == load_vae(tmp_path / "vae1" / "model").config
+    assert not (tmp_path / "models").exists() and not (tmp_path / "runs").exists()
+
+
+def test_train_vae_refuses_the_repositorys_models_folder_and_an_existing_run(tmp_path):
+    shipped = ROOT / "models" / "vae_digits"
+    before = {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()}
+    for key, value in [("train.save_to", shipped), ("train.output_dir", ROOT / "models" / "vae_run")]:
+        cfg = load_config(VAETrainConfig, None, TINY + SMALL_RUN + [f"train.output_dir={tmp_path / 'x'}",
+                                                                     f"{key}={value}"])
+        with pytest.raises(UserError, match=f"{key}=.*models/.*dfm export"):
+            train_vae(cfg)
+    assert {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()} == before
+    assert not (ROOT / "models" / "vae_run").exists() and not (tmp_path / "x").exists()
+    # a fresh run into a folder that holds one: refused, the old run untouched
+    cfg = load_config(VAETrainConfig, None, TINY + SMALL_RUN + [f"train.output_dir={tmp_path / 'run'}"])
+    train_vae(cfg)
+    weights = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already holds a run.*--resume.*train.overwrite=true"):
+        train_vae(cfg)
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == weights
+
+
+def test_train_vae_resume_writes_where_it_was_read_from(tmp_path, monkeypatch):
+    import shutil
+
+    cfg = load_config(VAETrainConfig, None, TINY + SMALL_RUN + ["train.output_dir=runs/v", "train.checkpoint_every=1"])
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    train_vae(cfg)
+    shutil.move(tmp_path / "a" / "runs" / "v", tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    cfg.train.max_steps = 2
+    result = train_vae(cfg, resume=str(tmp_path / "moved"))
+    assert result["step"] == 2 and Path(result["model"]) == tmp_path / "moved" / "model"
+    assert (tmp_path / "moved" / "checkpoints" / "step_00000002").is_dir() and not (tmp_path / "runs").exists()
+
+
 def test_eval_vae_cli(tmp_path, capsys):
     out = tmp_path / "report.json"
     assert cli.main(["eval-vae", "--model", "identity", "--frames", "3", "--size", "8", "--clips", "3",

@@ -132,11 +132,15 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="turn a trainer checkpoint into a model folder",
                        description="Write a dfm model folder (model_index.json, transformer/, text_encoder/, vae/, "
                                    "config.yaml) from a trainer checkpoint, with the EMA weights unless --no-ema. "
-                                   "Sampling defaults come from the training config unless set here.")
-    p.add_argument("checkpoint", help="a step_* folder, its checkpoints/ folder or the run directory (latest)")
-    p.add_argument("out", help="the model folder to write")
+                                   "Sampling defaults come from the training config unless set here. A `dfm "
+                                   "train-vae` run directory exports its finished VAE (RUN/model) instead: the only "
+                                   "way a trained model reaches the repository's models/ folder.")
+    p.add_argument("checkpoint", help="a step_* folder, its checkpoints/ folder or the run directory (latest); or "
+                   "a train-vae run directory")
+    p.add_argument("out", help="the model folder to write (new or empty)")
     p.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true", help="replace OUT if it is a model folder that dfm export wrote "
+                   "(atomically); any other non-empty folder is refused")
     p.add_argument("--sampler", default=None, help="default sampler (SPACE:METHOD)")
     p.add_argument("--steps", type=int, default=None, help="default steps (training: sampling.steps)")
     p.add_argument("--guidance", type=float, default=None, help="default guidance (training: sampling.guidance_scale)")

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
@@ -351,19 +352,88 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
                     config_yaml=trained.config_yaml)
 
 
+EXPORTED = {"dfm": {"model_index.json", "config.yaml", "transformer", "text_encoder", "vae"},  # what export writes
+            "vae": {"config.json", "model.safetensors", "eval.json"}}
+
+
+def _exported_kind(folder: Path) -> str | None:
+    """"dfm" (model_index.json with "format": "dfm"), "vae" (a causal VAE's config.json) or None."""
+    for name, key, value, kind in (("model_index.json", "format", "dfm", "dfm"), ("config.json", "type", "causal_vae", "vae")):
+        try:
+            if json.loads((folder / name).read_text()).get(key) == value:
+                return kind
+        except (OSError, ValueError, AttributeError):
+            pass
+    return None
+
+
+def check_export_target(folder: Path, overwrite: bool, kind: str = "dfm") -> None:
+    """Before any work: OUT is new, an empty folder or, with --force (`overwrite`), a `kind` model folder holding
+    only what an export writes. --force never deletes anything else."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)  # OUT or its nearest ancestor
+    if existing is not None and not existing.is_dir():
+        raise PipelineError(f"{existing} is a file; dfm export writes a folder: name a new or empty folder as OUT")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not overwrite:
+        raise PipelineError(f"{folder} exists and is not empty; choose another folder or pass --force (it replaces a "
+                            f"model folder that dfm export wrote, nothing else)")
+    if _exported_kind(folder) != kind:
+        what = ('a dfm model folder (no model_index.json with "format": "dfm")' if kind == "dfm" else
+                "a dfm VAE folder (no config.json of a causal VAE)")
+        raise PipelineError(f"{folder} is not {what}; --force replaces only a folder that dfm export wrote: choose "
+                            f"another folder")
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in EXPORTED[kind])
+    if extra:
+        raise PipelineError(f"{folder} holds files that dfm export does not write ({', '.join(extra[:5])}); --force "
+                            f"would delete them: move them out or choose another folder")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(-100, os.fsencode(str(a)), -100, os.fsencode(str(b)), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
+
+
+def _write_folder(folder: Path, fill) -> Path:
+    """`fill(tmp)` builds the folder beside `folder`, which it then replaces in one atomic exchange (else in two
+    renames, the old folder kept until the new one is in place). A failure leaves `folder` as it was."""
+    tmp, old = (folder.parent / f".{folder.name}.{tag}-{os.getpid()}" for tag in ("tmp", "old"))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        fill(tmp)
+        if not folder.exists() or not any(folder.iterdir()):
+            os.replace(tmp, folder)
+        elif not _exchange(tmp, folder):  # after an exchange tmp holds the old folder: removed below
+            os.replace(folder, old)
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                os.replace(old, folder)
+                raise
+    except OSError as e:
+        raise PipelineError(f"cannot write {folder}: {e.strerror or e}; it is left as it was") from None
+    finally:
+        for p in (tmp, old):
+            shutil.rmtree(p, ignore_errors=True)
+    return folder
+
+
 def save_pipeline(pipe: Pipeline, folder: str | Path, overwrite: bool = False) -> Path:
     """Write `pipe` as a dfm model folder (its layout: dfm/pipeline/__init__.py) atomically: built beside
-    `folder`, then renamed."""
+    `folder`, then swapped in. `overwrite` replaces a dfm model folder only (`check_export_target`)."""
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise PipelineError(f"{folder} exists and is not empty; choose another folder or pass --force")
+    check_export_target(folder, overwrite, "dfm")
     if not hasattr(_text_module(pipe.text), "save_pretrained") or not hasattr(pipe.vae, "save_pretrained"):
         raise PipelineError("this pipeline's text encoder or VAE cannot be saved as a dfm model folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def fill(tmp: Path) -> None:
         _save_transformer(pipe.transformer, pipe.arch, tmp / "transformer")
         _text_module(pipe.text).save_pretrained(tmp / "text_encoder")
         pipe.vae.save_pretrained(tmp / "vae")
@@ -374,18 +444,27 @@ def save_pipeline(pipe: Pipeline, folder: str | Path, overwrite: bool = False) -
                                                        "max_length": int(pipe.text.max_length)},
                  "defaults": pipe.defaults, "source": pipe.source}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return _write_folder(folder, fill)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = True, overwrite: bool = False,
                       **overrides) -> Path:
-    """`dfm export`: a trainer checkpoint as a dfm model folder (see `pipeline_from_checkpoint`)."""
-    return save_pipeline(pipeline_from_checkpoint(checkpoint, ema=ema, **overrides), out, overwrite=overwrite)
+    """`dfm export`: a trainer checkpoint as a dfm model folder (see `pipeline_from_checkpoint`), or a `dfm
+    train-vae` run's finished VAE (RUN/model, with RUN/eval.json) as a VAE folder. OUT is checked first."""
+    out, run = Path(out), Path(checkpoint)
+    vae = next((p for p in (run / "model", run) if _exported_kind(p) == "vae"), None)
+    if vae is None:
+        check_export_target(out, overwrite, "dfm")
+        return save_pipeline(pipeline_from_checkpoint(checkpoint, ema=ema, **overrides), out, overwrite=overwrite)
+    given = [k for k, v in overrides.items() if v is not None] + ([] if ema else ["no_ema"])
+    if given:
+        raise PipelineError(f"{checkpoint} is a VAE run: {', '.join(given)} apply to diffusion models only")
+    check_export_target(out, overwrite, "vae")
+    load_vae(vae)  # reads whole, or a one-line error
+    report = vae / "eval.json" if vae == run else run / "eval.json"  # a VAE folder's own, or its run's
+    files = [vae / "config.json", vae / "model.safetensors", *([report] if report.is_file() else [])]
+    return _write_folder(out, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in files])
 
 
 # =================================================================================================== info

@@ -58,7 +58,8 @@ class RunConfig:
     max_minutes: float = 0.0  # also stop (checkpoint, validation) at the first log step past this wall time; 0: off
     batch_size: int = 8  # the global batch (all ranks, all accumulation micro-batches)
     grad_accum: int = 1
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # a folder that already holds a run is refused (dfm/training/runs.py)
+    overwrite: bool = False  # a fresh run into output_dir moves the run there aside to <output_dir>.old-<time>
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500  # 0: only at the end (every run ends with a checkpoint)
@@ -132,12 +133,13 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
     backbone_config(cfg.model, 3, cfg.text.dim)  # the size name and overrides
 
 
-def config_changes(saved: Path, cfg: TrainConfig) -> list[str]:
+def config_changes(saved: Path, cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
     """'key old -> new' for each setting of `cfg` that differs from the config.yaml a checkpoint was written with
-    ([] if that file is missing, unreadable or not a mapping). A key on one side only shows as (absent)."""
+    ([] if that file is missing, unreadable or not a mapping), except the keys in `ignore`. A key on one side only
+    shows as (absent)."""
     try:
-        old = yaml.safe_load(saved.read_text())
-    except (OSError, yaml.YAMLError):
+        old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return []
     if not isinstance(old, dict) or not old:
         return []
@@ -155,4 +157,4 @@ def config_changes(saved: Path, cfg: TrainConfig) -> list[str]:
         return repr(d[k]) if k in d else "(absent)"
 
     return [f"{k} {show(before, k)} -> {show(after, k)}" for k in sorted(set(before) | set(after))
-            if k not in before or k not in after or before[k] != after[k]]
+            if k not in ignore and (k not in before or k not in after or before[k] != after[k])]

@@ -13,7 +13,10 @@ exported model folder.
 
 Output directory: config.yaml (the resolved config), metrics.jsonl (one JSON object per logged step), tb/
 (TensorBoard, if installed), samples/step_XXXXXXXX/ (validation mp4s and contact_sheet.png), checkpoints/step_*/
-(model, EMA, optimizer, RNG and data position, config.yaml, text.json; the last `keep_checkpoints` kept).
+(model, EMA, optimizer, RNG and data position, the step's loss and weight health, config.yaml, text.json; the last
+`keep_checkpoints` of this run kept). One run per folder, and a resumed run writes where it was read from
+(dfm/training/runs.py); nothing is written there before every setup check has passed. SIGINT / SIGTERM finish the
+step, save a checkpoint and stop (`run()` returns {"signal": ...}; `dfm train` exits with 130 / 143).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +35,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dfm import distributed as D
-from dfm.checkpoint import CheckpointError, find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from dfm.config import config_yaml
+from dfm.checkpoint import (CheckpointError, checkpoint_health, list_checkpoints, load_checkpoint,
+                            load_newest_intact, resume_candidates, save_checkpoint)
+from dfm.errors import UserError, first_line
 from dfm.model import (DiffusionModule, build_autoencoder, build_backbone, build_text_encoder, sampling_defaults,
                        sampling_recipe, set_activation_checkpointing)
 from dfm.pipeline.pipeline import Pipeline
@@ -42,6 +48,7 @@ from dfm.training.data import (GlobalOrder, StepBatches, build_dataset, check_la
                                collate_batch, keep_captions, vocabulary_captions)
 from dfm.training.logging import Logger
 from dfm.training.optim import EMA, build_optimizer, lr_at
+from dfm.training.runs import StopSignals, check_fresh, check_outside_models, move_aside, run_dir_of, supersede
 from dfm.io import write_text_atomic
 from dfm.video import write_contact_sheet, write_video
 
@@ -52,32 +59,57 @@ class Resume:
     path: Path
     ckpt: dict
     vocab: list[str]
-    state: dict  # the trainer's state.json entries (data position, batch size, seed, ...)
+    state: dict  # the trainer's state.json entries (data position, batch size, seed, run id, ...)
+    out: Path  # the run folder it continues in: where the checkpoint was read from
+
+
+def _vocab(path: Path) -> list[str]:
+    try:
+        meta = json.loads((path / "text.json").read_text())
+        return meta["vocab"] if meta.get("type", "small") == "small" else []  # a frozen encoder has none to keep
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"checkpoint {path} has no readable text.json (the text vocabulary); resume from an "
+                              f"earlier step_* folder or start afresh") from None
+
+
+def resume_at(path: Path, out: Path, ckpt: dict | None = None) -> Resume:
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path)
+    return Resume(int(ckpt["step"]), path, ckpt, _vocab(path), dict(ckpt["state"]), out)
 
 
 def find_resume(cfg: TrainConfig, resume: str | None, log) -> Resume | None:
-    """The checkpoint to continue from: None (fresh start), "latest" (under output_dir; none -> fresh), or a path."""
+    """The checkpoint to continue from: None (fresh start), "latest" (under output_dir; none -> fresh), or a path
+    (a step_* folder: that one; a run directory or its checkpoints/ folder: its newest). Of a run's checkpoints the
+    newest intact one is taken, saying which were skipped and why. The run continues in the folder it was read
+    from (PATH's run directory), whatever output_dir its config.yaml recorded."""
     if resume is None:
         return None
+    out = Path(cfg.train.output_dir)
     if resume == "latest":
-        path = latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints")
-        if path is None:
-            log(f"--resume: no checkpoint under {cfg.train.output_dir}/checkpoints; starting from step 0")
+        candidates, explicit = list_checkpoints(out / "checkpoints")[::-1], False
+        if not candidates:
+            log(f"--resume: no checkpoint under {out}/checkpoints; starting from step 0")
             return None
     else:
-        path = find_checkpoint(resume) or Path(resume)  # none there: load_checkpoint says what is missing
-    ckpt = load_checkpoint(path)
-    try:
-        meta = json.loads((path / "text.json").read_text())
-        vocab = meta["vocab"] if meta.get("type", "small") == "small" else []  # a frozen encoder has none to keep
-    except (OSError, ValueError, KeyError):
-        raise CheckpointError(f"checkpoint {path} has no readable text.json (the text vocabulary); resume from an "
-                              f"earlier step_* folder or start afresh") from None
-    changed = config_changes(path / "config.yaml", cfg)
+        candidates, explicit = resume_candidates(resume)
+        run = run_dir_of(candidates[0])
+        if run is None:
+            log(f"{candidates[0]} is not inside a run's checkpoints/ folder: the resumed run writes to "
+                f"train.output_dir={out}")
+        else:
+            if run.resolve() != out.resolve():
+                log(f"the run continues in {run}, where it was read from (its config says train.output_dir={out})")
+            out = run
+    ckpt = load_newest_intact(candidates, explicit, log, check=_vocab)
+    found = resume_at(ckpt["path"], out, ckpt)
+    changed = config_changes(found.path / "config.yaml", cfg, ignore=("train.output_dir", "train.overwrite"))
     if changed:  # often meant (max_steps, lr), sometimes not (a recipe file passed with --config): say which
-        log(f"resuming from {path} with settings that differ from its config.yaml: {', '.join(changed)} (the new "
-            f"values are used; `dfm train --resume RUN` without --config keeps the run's)")
-    return Resume(int(ckpt["step"]), path, ckpt, vocab, dict(ckpt.get("state") or {}))
+        log(f"resuming from {found.path} with settings that differ from its config.yaml: {', '.join(changed)} (the "
+            f"new values are used; `dfm train --resume RUN` without --config keeps the run's)")
+    health = found.state.get("health")
+    if isinstance(health, dict) and health.get("good") is False:
+        log(f"{found.path.name} is not a good checkpoint ({health.get('why')}): expect the run to diverge again")
+    return found
 
 
 def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
@@ -116,15 +148,13 @@ class Trainer:
         self.info = info if info is not None else D.init_distributed(cfg.train.device)
         check_config(cfg, self.info.world_size)
         t = cfg.train
+        check_outside_models(t.output_dir, "train.output_dir")
+        self.resume, self._held = self._open_run(resume)
+        if self.resume:
+            t.output_dir = str(self.resume.out)
+        t.overwrite = False  # an action on the folder, not a setting to keep in config.yaml
         self.out = Path(t.output_dir)
-        if self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        D.barrier()
-        self.resume = find_resume(cfg, resume, self._notice_early)
         self.start_step = self.resume.step if self.resume else 0
-        self.log = Logger(self.out, self.info.is_main, t.tensorboard, self.start_step if self.resume else None)
-        if self.info.is_main:
-            write_text_atomic(self.out / "config.yaml", config_yaml(cfg))
 
         self.dataset = build_dataset(cfg)
         self.latents = cfg.data.dataset == "latents"  # items hold VAE latents (and maybe text embeddings)
@@ -167,8 +197,13 @@ class Trainer:
             if ck["optimizer"] is None or ck["ema"] is None:
                 raise CheckpointError(f"checkpoint {self.resume.path} lacks the optimizer or EMA state needed to "
                                       f"resume; start afresh from its weights instead")
-            D.load_optimizer_state(self.optimizer, ck["optimizer"])
-            self.ema.load(ck["ema"])
+            try:
+                D.load_optimizer_state(self.optimizer, ck["optimizer"])
+                self.ema.load(ck["ema"])
+            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+                raise CheckpointError(f"{self.resume.path}: its optimizer or EMA state does not fit this model "
+                                      f"({type(e).__name__}: {first_line(e)[:160]}); resume with the config it was "
+                                      f"trained with ({self.resume.path / 'config.yaml'})") from None
             self.resume.ckpt = None  # free the CPU copies
         # RNG: per rank, and a function of the step, so a resumed run draws what the uninterrupted one would
         D.seed_process(D.derive_seed(t.seed, self.start_step), self.info.rank)
@@ -177,6 +212,42 @@ class Trainer:
         self.pipeline = self.validation_pipeline()
         if t.validate_every:  # a prompt the text encoder cannot read, or a bad sampler: now, not at the first validation
             self.pipeline.check_settings(self.val_prompts())
+        # every check has passed: only now is the run folder written (the old run moved aside, later steps too)
+        self.run_id = self.resume.state.get("run") if self.resume else D.broadcast_object(uuid.uuid4().hex[:16])
+        if self.info.is_main:
+            if self._held:
+                self._notice_early(f"train.overwrite=true: the run that was in {self.out} moved to "
+                                   f"{move_aside(self.out, self._held)}")
+            if self.resume:
+                later, dest = supersede(self.out / "checkpoints", self.start_step)
+                if later:
+                    self._notice_early(f"resuming from step {self.start_step}: the later checkpoints ({', '.join(later)}) "
+                                       f"moved to {dest}; this run replaces them")
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out / "config.yaml", config_yaml(cfg))
+        self.log = Logger(self.out, self.info.is_main, t.tensorboard, self.start_step if self.resume else None)
+        D.barrier()
+
+    def _open_run(self, resume: str | None) -> tuple[Resume | None, list[str]]:
+        """(the checkpoint to resume or None, the entries of an old run to move aside): rank 0 decides (it reads
+        the folder and picks the newest intact checkpoint), every rank follows, and its error is every rank's."""
+        t, found, decided = self.cfg.train, None, None
+        if self.info.is_main:
+            try:
+                found = find_resume(self.cfg, resume, self._notice_early)
+                held = [] if resume is not None else check_fresh(Path(t.output_dir), t.overwrite,
+                                                                 f"dfm train --resume {t.output_dir}")
+                decided = (str(found.path), str(found.out)) if found else None, held, None
+            except UserError as e:
+                decided = None, [], e
+        if self.info.distributed:
+            decided = D.broadcast_object(decided)
+        where, held, error = decided
+        if error is not None:
+            raise error
+        if where is not None and found is None:  # another rank: the checkpoint rank 0 chose
+            found = resume_at(Path(where[0]), Path(where[1]))
+        return found, held
 
     def _notice_early(self, msg):
         if self.info.is_main:
@@ -249,11 +320,15 @@ class Trainer:
         return loss, grad_norm, lr
 
     def stop(self, what: str) -> None:
+        """Raise TrainingError naming the last checkpoint that is really good (finite, sane weights and loss)."""
         o = self.cfg.optim
-        last = f"the last good checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint else \
-            "no checkpoint was written yet"
+        good, newer = self.good_checkpoint()
+        last = f"the last good checkpoint is {good}" if good else "no good checkpoint was written"
+        if newer:
+            last += f" ({newer[0].name} is not one: {newer[1]})"
+        how = f" (dfm train --resume {good} optim.lr={o.lr / 10:g})" if good else ""
         raise TrainingError(f"{what}: training stopped; {last}. Try a lower optim.lr (now {o.lr:g}) or "
-                            f"optim.grad_clip (now {o.grad_clip:g}), or check the data")
+                            f"optim.grad_clip (now {o.grad_clip:g}){how}, or check the data")
 
     def run(self) -> dict:
         t = self.cfg.train
@@ -270,6 +345,13 @@ class Trainer:
         if self.info.is_main and t.progress:
             self.log.bar = tqdm(total=t.max_steps, initial=self.start_step, desc="train", dynamic_ncols=True,
                                 file=sys.stderr)
+        with StopSignals(self.info.device) as signals:
+            result = self._loop(signals)
+        self.log.close()
+        return result
+
+    def _loop(self, signals: StopSignals) -> dict:
+        t = self.cfg.train
         step, window, window_start = self.start_step, [], time.perf_counter()
         began = window_start
         micro: list[dict] = []
@@ -296,21 +378,26 @@ class Trainer:
                 window, window_start = [], time.perf_counter()
             out_of_time = t.max_minutes > 0 and step % t.log_every == 0 and \
                 bool(D.broadcast_object(time.perf_counter() - began > 60 * t.max_minutes))  # every rank stops alike
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps or out_of_time:
-                self.checkpoint(step, lr)
+            stop = signals.agreed()  # a signal any rank got: every rank stops after this step
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps or out_of_time or stop:
+                if stop:
+                    self.log.notice(f"{signals.name(stop)}: saving a checkpoint at step {step}, then stopping")
+                self.checkpoint(step, lr, loss)
+            if stop:
+                return {"step": step, "loss": last_loss, "checkpoint": str(self.last_checkpoint), "signal": stop}
             if t.validate_every and (step % t.validate_every == 0 or step == t.max_steps or out_of_time):
                 self.validate(step)
             if out_of_time:
                 self.log.notice(f"train.max_minutes={t.max_minutes:g} reached at step {step}; stopped with a "
                                 f"checkpoint (--resume continues)")
                 break
-        self.log.close()
         return {"step": step, "loss": last_loss, "checkpoint": str(self.last_checkpoint)}
 
     # ------------------------------------------------------------------------------------ checkpoints
 
-    def checkpoint(self, step: int, lr: float) -> None:
-        """Gather the full state (collective), write it atomically on rank 0, wait for it on every rank."""
+    def checkpoint(self, step: int, lr: float, loss: float | None = None) -> None:
+        """Gather the full state (collective), write it atomically on rank 0, wait for it on every rank. state.json
+        records the step's loss and whether the weights are finite and sane (`checkpoint_health`)."""
         t = self.cfg.train
         model_sd = D.full_state_dict(self.model)
         ema_sd = {**model_sd, **self.ema.full_state_dict()}  # a complete EMA model (frozen parts as they are)
@@ -321,13 +408,35 @@ class Trainer:
             text_meta = {"type": "frozen", "encoder": self.frozen_text.describe()} if self.frozen_text is not None else \
                 {"type": "small", **dataclasses.asdict(text.config), "vocab": text.tokenizer.vocab}
             extra = {"config.yaml": config_yaml(self.cfg), "text.json": json.dumps(text_meta)}
+            health = checkpoint_health(model_sd, loss)
             state = {"step": step, "data_position": step * t.batch_size, "batch_size": t.batch_size,
                      "world_size": self.info.world_size, "seed": t.seed, "lr": lr,
-                     "lr_schedule": self.cfg.optim.schedule, "ema_updates": step}
+                     "lr_schedule": self.cfg.optim.schedule, "ema_updates": step, "run": self.run_id,
+                     "loss": health["loss"], "health": health}
             path = save_checkpoint(self.out / "checkpoints", step, model_sd, ema=ema_sd, optimizer=opt_sd,
                                    state=state, extra_files=extra, keep=t.keep_checkpoints)
+            if not health["good"]:
+                self.log.notice(f"step {step}: {path.name} is not a good checkpoint ({health['why']})")
         self.last_checkpoint = Path(D.broadcast_object(str(path) if path else None))
         D.barrier()
+
+    def good_checkpoint(self) -> tuple[Path | None, tuple[Path, str] | None]:
+        """(this run's newest good checkpoint, (the newest one after it that is not good, why) or None)."""
+        newer = None
+        for path in reversed(list_checkpoints(self.out / "checkpoints")):
+            try:
+                ckpt = load_checkpoint(path)
+            except CheckpointError as e:
+                newer = newer or (path, f"unreadable: {getattr(e, 'why', first_line(e))}")
+                continue
+            if ckpt["state"].get("run") != self.run_id:
+                continue
+            health = ckpt["state"].get("health")  # a checkpoint of an older dfm: judged by its weights
+            health = health if isinstance(health, dict) and "good" in health else checkpoint_health(ckpt["model"])
+            if health["good"]:
+                return path, newer
+            newer = newer or (path, health.get("why", "?"))
+        return None, newer
 
     # ------------------------------------------------------------------------------------- validation
 

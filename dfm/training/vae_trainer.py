@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dfm.checkpoint import CheckpointError, find_checkpoint, latest_checkpoint, load_checkpoint, run_config, save_checkpoint
+from dfm.checkpoint import (CheckpointError, list_checkpoints, load_newest_intact, resume_candidates, run_config,
+                            save_checkpoint)
 from dfm.config import ConfigError, config_yaml, load_config, save_config, to_dict
 from dfm.data import MovingDigits
 from dfm.distributed import derive_seed
@@ -26,6 +28,7 @@ from dfm.training.config import TrainingError
 from dfm.training.data import GlobalOrder, StepBatches, collate_batch
 from dfm.training.logging import Logger
 from dfm.training.optim import lr_at
+from dfm.training.runs import RUN_ENTRIES, check_fresh, check_outside_models, move_aside, run_dir_of, supersede
 from dfm.vae import (CausalVAE, CausalVAEConfig, VAEError, _read_json, _write_json, check_latent_shape,
                      fit_latent_stats, load_vae)
 
@@ -70,8 +73,9 @@ class VAEOptimConfig:
 class VAERunConfig:
     max_steps: int = 1000
     batch_size: int = 16
-    output_dir: str = "runs/vae"
-    save_to: Optional[str] = None  # the final model folder; default OUTPUT/model
+    output_dir: str = "runs/vae"  # a folder that already holds a run is refused (dfm/training/runs.py)
+    overwrite: bool = False  # a fresh run into output_dir moves the run there aside to <output_dir>.old-<time>
+    save_to: Optional[str] = None  # the final model folder; default OUTPUT/model (never models/: `dfm export` it)
     init_from: Optional[str] = None  # a VAE folder whose weights (and latent mean/std) start a fresh run
     # false: fine-tune the decoder only. The encoder, hence the latents, their mean/std and every diffusion model
     # trained on them, stay exactly as they are; only the pictures decoded from latents get sharper.
@@ -147,36 +151,51 @@ def _digits(cfg_data: VAEDataConfig, split: str, length: int, seed: int):
                         length=length, seed=seed)
 
 
-def _resolve_resume(out: Path, resume: Optional[str]) -> Optional[Path]:
+VAE_RUN_ENTRIES = (*RUN_ENTRIES, "model", "eval.json")  # what `dfm train-vae` writes into its output_dir
+
+
+def _resolve_resume(out: Path, resume: Optional[str]) -> tuple[Optional[dict], Path]:
+    """(the checkpoint to continue from, or None; the run folder): the newest intact checkpoint of the run, which
+    continues where it was read from (PATH's run directory)."""
     if resume is None:
-        return None
+        return None, out
     if resume == "latest":
-        return latest_checkpoint(out / "checkpoints")
-    return find_checkpoint(resume) or Path(resume)  # none there: load_checkpoint says what is missing
+        candidates, explicit = list_checkpoints(out / "checkpoints")[::-1], False
+        if not candidates:
+            print(f"dfm: --resume: no checkpoint under {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
+            return None, out
+    else:
+        candidates, explicit = resume_candidates(resume)
+        out = run_dir_of(candidates[0]) or out
+    notice = lambda msg: print(f"dfm: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    return load_newest_intact(candidates, explicit, notice), out
 
 
 def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
     """Train a CausalVAE on Moving Digits; returns {"step", "loss", "model", "checkpoint", "eval"}.
 
     The batch of step k is the global samples [kB, (k+1)B) in a per-epoch permutation and its posterior noise
-    comes from a generator seeded by (seed, k), so `resume` (None, "latest" or a path) continues exactly.
-    At the end the latent mean/std are measured on `train.stats_clips` training clips and the model is saved
-    with save_pretrained to `train.save_to` (default OUTPUT/model); the held-out PSNR goes to OUTPUT/eval.json.
+    comes from a generator seeded by (seed, k), so `resume` (None, "latest" or a path) continues exactly, in the
+    run folder it was read from. At the end the latent mean/std are measured on `train.stats_clips` training clips
+    and the model is saved with save_pretrained to `train.save_to` (default OUTPUT/model); the held-out PSNR goes to
+    OUTPUT/eval.json. A fresh run never goes into a folder holding a run (train.overwrite=true moves it aside), and
+    nothing goes into the repository's models/ (`dfm export RUN models/NAME` puts a trained VAE there).
     """
 
     check_vae_config(cfg)
     t = cfg.train
+    check_outside_models(t.output_dir, "train.output_dir")
+    if t.save_to:
+        check_outside_models(t.save_to, "train.save_to")
     if t.threads > 0:
         torch.set_num_threads(t.threads)
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = _resolve_resume(out, resume)
-    if resume == "latest" and ckpt_path is None:
-        print(f"dfm: --resume: no checkpoint under {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    ckpt, out = _resolve_resume(Path(t.output_dir), resume)
+    held = [] if resume is not None else check_fresh(out, t.overwrite, f"dfm train-vae --config {out / 'config.yaml'} "
+                                                     f"--resume", VAE_RUN_ENTRIES)
+    t.output_dir, t.overwrite = str(out), False
+    ckpt_path = ckpt["path"] if ckpt else None
     start = int(ckpt["step"]) if ckpt else 0
-    log = Logger(out, True, t.tensorboard, start if ckpt else None)
-    save_config(cfg, out / "config.yaml")
+    run_id = ckpt["state"].get("run") if ckpt else uuid.uuid4().hex[:16]
 
     torch.manual_seed(derive_seed(t.seed, 0xAE))
     vae = CausalVAE(cfg.model)
@@ -200,6 +219,17 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{ckpt_path} does not match this config ({first_line(e)[:120]}); "
                                   f"resume with {ckpt_path / 'config.yaml'}") from None
+    # every check has passed: only now is the run folder written
+    if held:
+        print(f"dfm: train.overwrite=true: the run that was in {out} moved to {move_aside(out, held)}", file=sys.stderr)
+    later, dest = supersede(out / "checkpoints", start) if ckpt else ([], None)
+    if later:
+        print(f"dfm: resuming from step {start}: the later checkpoints ({', '.join(later)}) moved to {dest}",
+              file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Logger(out, True, t.tensorboard, start if ckpt else None)
+    save_config(cfg, out / "config.yaml")
+    if ckpt:
         log.notice(f"resuming from {ckpt_path} (step {start})")
     dataset = _digits(cfg.data, "train", cfg.data.length, t.seed)
     loader = DataLoader(GlobalOrder(dataset, t.seed, cfg.data.shuffle),
@@ -212,7 +242,7 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
         bar = log.bar = tqdm(total=t.max_steps, initial=start, desc="train-vae", dynamic_ncols=True, file=sys.stderr)
 
     def checkpoint(step: int) -> Path:
-        state = {"step": step, "batch_size": t.batch_size, "seed": t.seed}
+        state = {"step": step, "batch_size": t.batch_size, "seed": t.seed, "run": run_id}
         return save_checkpoint(out / "checkpoints", step, vae.state_dict(), optimizer=optimizer.state_dict(),
                                state=state, extra_files={"config.yaml": config_yaml(cfg)},
                                keep=t.keep_checkpoints)
@@ -367,6 +397,8 @@ def add_commands(sub) -> None:
 
 def cmd_train_vae(args) -> int:
     config = args.config
+    if args.resume not in (None, "latest"):
+        resume_candidates(args.resume)  # not found / no checkpoint there: one line saying so
     if config is None:
         config = run_config(args.resume) if args.resume not in (None, "latest") else None
         if config is None:
