@@ -11,7 +11,8 @@ dfm's `load_pipeline` and diffusers' `WanPipeline.from_pretrained` load that fol
 timing. The timed call is the whole generation: text encoding, the sampling loop, VAE decoding (wall-clock and
 process CPU time; with one thread the CPU time is the number that load from other processes disturbs least).
 dfm's text cache is cleared before every call, so neither side reuses an encoding. Times are medians over repeats
-that alternate the two pipelines; the ratio is diffusers' time over dfm's.
+that alternate the two pipelines, the order reversed every round (diffusers, dfm, dfm, diffusers, ...:
+benchmarks/models.py's `time_alternating`); the ratio is diffusers' time over dfm's.
 
 Where the difference comes from: diffusers runs the conditional and the unconditional branch as two forwards of
 batch B per step; dfm runs them as one forward of batch 2B (dfm.diffusion.guidance.CFGDenoiser), plus dfm's WAN
@@ -19,12 +20,13 @@ kernels (fused q/k/v, one complex-multiply RoPE; see benchmarks/models.py).
 
 On CPU the default is one thread (--threads 0: torch's default), as in benchmarks/models.py.
 
-Measured on this project's 2-core CPU machine (1 thread, fp32, load average ~5 from other jobs, so the CPU-time
-ratio is the result; `python benchmarks/pipeline.py --repeats 5`), outputs equal to 1.7e-6:
+Measured 2026-12-02 on this project's 2-core CPU machine (1 thread, fp32, load average 2.2 at start and ~2.9 at
+the end from other jobs, so the CPU-time ratio is the result; `python benchmarks/pipeline.py --repeats 5`),
+outputs equal to 2.8e-6:
 
     | pipeline  | wall s / video (median) | CPU s / video (median) | diffusers / dfm (wall, CPU) |
-    | diffusers | 4.413                   | 2.192                  | 1.00x, 1.00x                |
-    | dfm       | 3.911                   | 1.952                  | 1.13x, 1.12x                |
+    | diffusers | 5.627                   | 5.115                  | 1.00x, 1.00x                |
+    | dfm       | 4.970                   | 4.686                  | 1.13x, 1.09x                |
 
 The VAE decode and the text encoder cost both sides the same; the CUDA path has not been run (no GPU was lent).
 """
@@ -32,16 +34,19 @@ The VAE decode and the text encoder cost both sides the same; the CUDA path has 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import time_alternating  # noqa: E402  (benchmarks/models.py)
 
 from dfm.pipeline import WAN_NEGATIVE_PROMPT, load_pipeline  # noqa: E402
 
@@ -99,6 +104,7 @@ def main() -> None:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
     name = args.config or ("tiny" if args.quick else "small")
     c = CONFIGS[name]
     device = torch.device(args.device)
@@ -125,18 +131,10 @@ def main() -> None:
 
         with torch.no_grad():
             diff = (run_dfm().cpu() - run_diffusers().cpu()).abs().max().item()  # also the warm-up
-            times = {"diffusers": [], "dfm": []}
-            cpu_times = {"diffusers": [], "dfm": []}
-            for _ in range(args.repeats):
-                for label, fn in (("diffusers", run_diffusers), ("dfm", run_dfm)):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    start, cpu_start = time.perf_counter(), time.process_time()
-                    fn()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    times[label].append((time.perf_counter() - start) / args.batch)
-                    cpu_times[label].append((time.process_time() - cpu_start) / args.batch)
+            runs = {"diffusers": run_diffusers, "dfm": run_dfm}
+            wall, cpu_s = time_alternating(runs, args.repeats, device, lambda name: None)
+    times = {k: [t / args.batch for t in v] for k, v in wall.items()}
+    cpu_times = {k: [t / args.batch for t in v] for k, v in cpu_s.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu_times.items()}
     tokens = (1 + (c["frames"] - 1) // 4) * (c["size"] // 16) ** 2
@@ -146,7 +144,8 @@ def main() -> None:
     print(f"device: {where}; torch {torch.__version__}, diffusers {diffusers.__version__}; fp32")
     print(f"config {name}: transformer {c['layers']} layers, dim {c['heads'] * c['head_dim']}; {c['frames']} frames at "
           f"{c['size']}x{c['size']} ({tokens} video tokens, 512 text tokens); UniPC {args.steps} steps, guidance 5, "
-          f"batch {args.batch}; {args.repeats} alternating repeats; max |dfm - diffusers| = {diff:.2e}")
+          f"batch {args.batch}; {args.repeats} alternating repeats (order reversed every round); load average "
+          f"{load:.1f} at start; max |dfm - diffusers| = {diff:.2e}")
     print()
     print("| pipeline | wall s / video (median) | min | max | CPU s / video (median) | diffusers / dfm (wall, CPU) |")
     print("|---|---|---|---|---|---|")
