@@ -11,12 +11,17 @@ exit code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
+import io
 import os
 import signal
 import sys
-from pathlib import Path
+import warnings
+from pathlib import Path, PurePath
+
+import torch
 
 from dfm.checkpoint import resume_candidates, run_config
 from dfm.config import config_yaml, load_config
@@ -119,20 +124,91 @@ class _UsageError(UserError):
     pass
 
 
+# The error boundary: what a user can fix is one line on stderr and exit code 2, everything else a traceback (a bug).
+# OSErrors that name a path and are about that path (permissions, a folder where a file goes, a full or read-only
+# disk) are the user's; without a path, or of another kind, they are not.
+_PATH_ERRORS = {  # errno -> what to do
+    errno.EACCES: "check its permissions or choose another path", errno.EPERM: "check its permissions or choose "
+    "another path",
+    errno.EROFS: "the disk is read-only: choose another path", errno.ENOSPC: "the disk is full: free space or "
+    "write elsewhere", errno.EDQUOT: "the disk quota is used up: free space or write elsewhere",
+    errno.EFBIG: "the file is too large for this disk: write elsewhere", errno.EISDIR: "it is a folder: give a "
+    "file name", errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EEXIST: "it exists and is not a folder: choose another path", errno.ENAMETOOLONG: "use a shorter path",
+}
+_COMMANDS_WITH_OWN_THREADS = ("train", "train-vae")  # their train.threads; DDP divides the cores itself
+
+
+def _os_error(e: OSError) -> str | None:
+    """One line for a user-fixable OSError (the target path, what went wrong, the fix), else None."""
+    if e.errno not in _PATH_ERRORS or not e.filename:
+        return None
+    target = e.filename2 or e.filename  # os.replace(tmp, target): the target is the user's path
+    return f"{target}: {e.strerror}; {_PATH_ERRORS[e.errno]}"
+
+
+def _decode_error(e: UnicodeDecodeError) -> str | None:
+    """One line for a file that is not UTF-8 text, naming it (found in the frames that were reading it), else None:
+    a decoding error that no file read raised is a bug."""
+    frames, tb = [], e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):  # innermost first: the frame reading the file holds it
+        for value in frame.f_locals.values():
+            name = getattr(value, "name", None) if isinstance(value, io.TextIOBase) else None
+            if isinstance(value, PurePath) and frame.f_code.co_name in ("read_text", "open"):
+                name = str(value)
+            if isinstance(name, str):
+                byte = e.object[e.start] if isinstance(e.object, (bytes, bytearray)) else None
+                at = f"byte 0x{byte:02x} at offset {e.start}" if byte is not None else e.reason
+                return f"{name} is not {e.encoding.upper()} text ({at}); save it as UTF-8 or restore the file"
+    return None
+
+
+def _one_line_warning(command: str):
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        return f"dfm {command}: warning: {' '.join(str(message).split())}\n"  # no source line, no file:line
+    return format_warning
+
+
+def _free_cores() -> int:
+    """CPU threads that do not oversubscribe: torch's default less the cores the load average says are busy (at
+    least 1). OpenMP threads spin at every barrier, so a thread on a busy core stalls all the others: measured on
+    the shipped model with one core busy, two threads took 8-15x as long as one."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = 0.0
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - round(load)))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    expected = (UserError, FileNotFoundError)
+    threads, format_warning = torch.get_num_threads(), warnings.formatwarning
+    warnings.formatwarning = _one_line_warning(args.command)  # a warning is one line, as errors are
+    if getattr(args, "threads", 0) == 0 and args.command not in _COMMANDS_WITH_OWN_THREADS:
+        torch.set_num_threads(_free_cores())  # the default of every other command; --threads N sets N
     try:
         return args.func(args)
-    except expected as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"dfm {args.command}: error: {first_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`dfm info ... | head`): not an error
         sys.stdout = open(os.devnull, "w")
         return 0
+    except (OSError, UnicodeDecodeError) as e:
+        line = _os_error(e) if isinstance(e, OSError) else _decode_error(e)
+        if line is None:
+            raise
+        print(f"dfm {args.command}: error: {line}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"dfm {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = format_warning
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

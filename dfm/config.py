@@ -58,7 +58,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"config key '{name}' cannot be {value!r}")
     if origin is typing.Literal:
-        if value not in args:
+        if not any(value == a and type(value) is type(a) for a in args):  # True is not Literal[1]
             raise ConfigError(f"config key '{name}' must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
@@ -82,9 +82,39 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if isinstance(value, bool) and tp in (int, float):  # bool is an int to Python, never a count to a config
+        raise ConfigError(f"config key '{name}' must be {tp.__name__}, got {value!r} (a boolean); give a number")
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"config key '{name}' must be {tp.__name__}, got {value!r}")
     return value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (at any level) instead of keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges are not duplicates
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise ConfigError(f"key '{_key_text(key)}' appears twice in one mapping (lines {seen[key]} "
+                                          f"and {line}); keep one")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, source: Any = "the YAML text") -> Any:
+    """yaml.safe_load that refuses duplicate keys: a ConfigError naming `source`, the key and both lines."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as e:
+        raise ConfigError(f"config file {source}: {e}") from None
 
 
 def _key_text(key: Any) -> Any:
@@ -198,7 +228,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/<recipe>.yaml")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = load_yaml(path.read_text(encoding="utf-8"), path) or {}
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                               f"{e.start}); save it as UTF-8") from None

@@ -57,10 +57,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dfm.config import load_yaml
 from dfm.data.digits import COLORS, DIRECTIONS, DIRECTION_STEPS, MovingDigits, caption_for, parse_caption
 from dfm.errors import UserError
 from dfm.io import atomic_path
-from dfm.pipeline import Generation, load_pipeline
+from dfm.pipeline import Generation, Pipeline, load_pipeline
+from dfm.pipeline.commands import check_output, resolve_device, set_threads
 from dfm.video import write_contact_sheet
 
 FEATURE_SIZE = 8  # classifier input: FEATURE_SIZE x FEATURE_SIZE aligned crops (scikit-learn's digits are 8x8)
@@ -409,6 +411,8 @@ def evaluate(pipeline, prompts: Optional[Sequence[str]] = None, num_videos: int 
         gen = pipeline.generate(batch, num_frames=num_frames, height=size, width=size, steps=steps, sampler=sampler,
                                 guidance_scale=guidance_scale, seeds=seeds[start:start + len(batch)], progress=False)
         videos.append(gen.videos.detach().float().cpu())
+        if not bool(torch.isfinite(videos[-1]).all()):  # NaN or inf: a broken model, not a score
+            raise EvalError(f"videos {start}-{start + len(batch) - 1} hold NaN or inf: broken weights or diverged sampling")
         seconds += float(gen.seconds)
         nfe = gen.nfe if nfe is None else nfe
         settings = getattr(gen, "settings", None) or settings  # the pipeline's resolved arguments, if it says
@@ -481,8 +485,6 @@ def training_data_config(path: str, pipeline=None) -> tuple[Optional[str], dict]
     """The `data` section of the model's training config and where it came from: the pipeline's `config_yaml` (a
     dfm model folder or checkpoint keeps it), else a config.yaml in PATH or one or two folders up (a run
     directory); (None, {}) when there is none."""
-    import yaml
-
     text, source = getattr(pipeline, "config_yaml", None), "the model's training config"
     if not text:
         folder = Path(path) if Path(path).is_dir() else Path(path).parent
@@ -492,16 +494,12 @@ def training_data_config(path: str, pipeline=None) -> tuple[Optional[str], dict]
                 break
     if not text:
         return None, {}
-    data = (yaml.safe_load(text) or {}).get("data") or {}
+    data = (load_yaml(text, source) or {}).get("data") or {}
     return source, data if isinstance(data, dict) else {}
 
 
 def _load_pipeline(path: str, device: str):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise EvalError("--device cuda but CUDA is not available; use --device cpu (or auto)")
-    return load_pipeline(path, device=device)
+    return load_pipeline(path, device=resolve_device(device))  # --device cuda without CUDA: one line
 
 
 def _values(text: Optional[str], kind, flag: str) -> list:
@@ -526,15 +524,18 @@ def _colors(text: Optional[str]):
 
 def run_eval(args) -> int:
     log = functools.partial(print, "dfm eval:", file=sys.stderr)
-    if args.num < 1 or args.batch_size < 1 or args.threads < 0:
-        raise EvalError("--num and --batch-size must be at least 1, --threads at least 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.num < 1 or args.batch_size < 1:
+        raise EvalError("--num and --batch-size must be at least 1")
+    set_threads(args.threads)
+    [check_output(p, flag, suffix) for flag, p, suffix in (("--sheet", args.sheet, ".png"), ("--json", args.json, ".json")) if p]
     if args.reference:
         pipeline, source = ReferencePipeline(args.frames or 8, args.size or 16), "reference: held-out Moving Digits clips"
         colors = _colors(args.colors)
     else:
         pipeline, source = _load_pipeline(args.model, args.device), args.model
+        if not args.threads and isinstance(pipeline, Pipeline) and pipeline.device.type == "cpu" and \
+                pipeline.cpu_threads(pipeline.settings(args.frames, args.size, args.size), args.batch_size):
+            torch.set_num_threads(1)  # a small model: threads only add waiting
         config_source, data = training_data_config(args.model, pipeline)
         colors = _colors(args.colors) if args.colors is not None else data.get("colors") or None
         if config_source is None and args.colors is None:
@@ -591,8 +592,8 @@ def add_commands(sub) -> None:
     p.add_argument("--size", type=int, help="frame height and width (default: the model's; --reference: 16)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per generate call (default 8)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's; 1 is steadiest on a "
-                   "busy machine)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: automatic: one for small "
+                   "models, else the cores the machine's load leaves free)")
     p.add_argument("--json", metavar="PATH", help="write the results (settings, scores, per-video readings) as JSON")
     p.add_argument("--sheet", metavar="PNG", help="contact sheet of the (first setting's) videos with their readings")
     p.set_defaults(func=run_eval)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -308,11 +309,36 @@ def add_commands(sub) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard file (default 256)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per VAE call and captions per text call")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: automatic: the cores the machine's "
+                   "load leaves free)")
     p.set_defaults(func=cmd_preprocess)
 
 
+def _check_out(out: Path) -> None:
+    """--out must be a folder (or creatable as one) that can be written: checked before any work."""
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PreprocessError(f"--out {out}: {parent} is a file, not a folder; choose a folder for the shards")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PreprocessError(f"--out {out}: cannot write in {parent} (read-only or no permission); choose another "
+                              f"folder")
+
+
 def cmd_preprocess(args) -> int:
+    if args.threads < 0:
+        raise PreprocessError(f"--threads must be >= 0 (0: automatic), got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise PreprocessError(f"--device {device} is not a device; use cpu or cuda (cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise PreprocessError(f"--device {device} but CUDA is not available; use --device cpu (or leave it out)")
+    _check_out(Path(args.out))
     cfg = data_config(args.data)
     dataset = build_dataset(cfg)  # first: a bad data config fails before any model is loaded
     vae = load_vae(args.vae)

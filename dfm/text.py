@@ -24,6 +24,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +70,17 @@ class WordTokenizer:
     def __len__(self) -> int:
         return len(self.vocab)
 
+    def unknown(self, prompts: Iterable[str]) -> list[str]:
+        """The distinct words of `prompts` outside the vocabulary (they read as <unk>), in order."""
+        return list(dict.fromkeys(w for p in prompts for w in words(p) if w not in self.index))
+
+    def summary(self, limit: int = 40) -> str:
+        """The known words (all of them up to `limit`, else the first few and the count), for messages."""
+        known = self.vocab[len(SPECIALS):]
+        if len(known) <= limit:
+            return f"{len(known)} words: {' '.join(known)}"
+        return f"{len(known)} words, e.g. {' '.join(known[:limit - 10])} ..."
+
     def __call__(self, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, L] and mask [B, L] (bool), L = the longest prompt (<= max_length, truncated beyond)."""
         seqs = [[BOS] + [self.index.get(w, UNK) for w in words(p)] for p in prompts]
@@ -78,6 +90,10 @@ class WordTokenizer:
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
         return ids, ids != PAD
+
+
+class UnknownWordsWarning(UserWarning):
+    """A prompt holds words the small text encoder never saw in training (`SmallTextEncoder.warn_unknown`)."""
 
 
 @dataclass
@@ -110,10 +126,25 @@ class SmallTextEncoder(nn.Module):
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(prompts, str):
             prompts = [prompts]
+        self.warn_unknown(prompts)
         ids, mask = self.tokenizer(list(prompts), self.max_length)
         dev = self.pos.device
         ids, mask = ids.to(dev), mask.to(dev)
         return self(ids, mask), mask
+
+    def warn_unknown(self, prompts: list[str]) -> None:
+        """An UnknownWordsWarning naming the words of `prompts` this encoder has never seen (they become <unk>,
+        so the video cannot follow them) and the words it knows; once per encoder for each set of unknown words."""
+        unknown = self.tokenizer.unknown(prompts)
+        warned = self.__dict__.setdefault("_warned_unknown", set())
+        if not unknown or frozenset(unknown) in warned:
+            return
+        warned.add(frozenset(unknown))
+        shown = ", ".join(repr(w) for w in unknown[:10])
+        shown += f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        warnings.warn(UnknownWordsWarning(f"the text encoder does not know {shown} (read as <unk>: the video will "
+                                          f"not follow {'it' if len(unknown) == 1 else 'them'}); it knows "
+                                          f"{self.tokenizer.summary()}"), stacklevel=3)
 
     # --- persistence: safetensors weights + JSON vocabulary and config ---
     def save_pretrained(self, path: str | Path) -> None:
@@ -128,9 +159,11 @@ class SmallTextEncoder(nn.Module):
     def from_pretrained(cls, path: str | Path) -> "SmallTextEncoder":
         path = Path(path)
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{path} holds no small text encoder (config.json + model.safetensors); "
+            pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+            hint = f" ({pickled[0]} is pickled: dfm loads only safetensors)" if pickled else ""
+            raise FileNotFoundError(f"{path} holds no small text encoder (config.json + model.safetensors){hint}; "
                                     f"train one with `dfm train` or pass the right folder")
-        meta = json.loads((path / "config.json").read_text())
+        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
         meta.pop("type", None)
         vocab = meta.pop("vocab")
         enc = cls(WordTokenizer(vocab), SmallTextConfig(**meta))
@@ -436,8 +469,9 @@ def _load_hf(folder: Path, config: dict, tokenizer, max_length, device, dtype, c
     if kind == "clip" and "CLIPTextModelWithProjection" in (config.get("architectures") or []):
         class_name = "CLIPTextModelWithProjection"
     if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
-        other = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
-        hint = (f"only safetensors weights are loaded (found {other[0]}); convert them to model.safetensors"
+        other = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        hint = (f"{other[0]} is pickled and dfm loads only safetensors (unpickling can run code): convert it where "
+                f"you trust it, e.g. model.save_pretrained(FOLDER, safe_serialization=True) in transformers"
                 if other else "copy the model's weights (model.safetensors) into it")
         raise TextEncoderError(f"{folder} has no model.safetensors; {hint}")
     try:

@@ -381,7 +381,7 @@ class CausalVAE(nn.Module):
             raise VAEError(f"{folder / 'config.json'} is not a valid causal VAE config ({e}); re-save the model")
         weights = folder / "model.safetensors"
         if not weights.is_file():
-            raise VAEError(f"the VAE weights file {weights} is missing; copy it next to config.json or retrain")
+            raise VAEError(f"the VAE weights file {weights} is missing; {_pickled(folder) or 'copy it or retrain'}")
         try:
             model.load_state_dict(load_file(str(weights)))
         except (OSError, SafetensorError, RuntimeError, ValueError) as e:
@@ -535,17 +535,15 @@ def load_wan_vae(folder, dtype: torch.dtype = torch.float32) -> WanVAE:
     try:
         from diffusers import AutoencoderKLWan
     except ImportError:
-        raise VAEError(f"{folder} holds a diffusers AutoencoderKLWan; loading it needs diffusers: "
-                       f"pip install diffusers") from None
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        raise VAEError(f"the Wan VAE weights file {folder / 'diffusion_pytorch_model.safetensors'} is missing; "
-                       f"copy the checkpoint's vae/ folder completely")
-    try:
-        model = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        raise VAEError(f"{folder} holds a diffusers AutoencoderKLWan: pip install diffusers to load it") from None
+    weights = [folder / "diffusion_pytorch_model.safetensors"]  # what diffusers reads with use_safetensors=True
+    if not weights[0].is_file():
+        raise VAEError(f"the Wan VAE weights file {weights[0]} is missing; {_pickled(folder) or 'copy vae/ again'}")
+    try:  # use_safetensors: never fall back to unpickling a diffusion_pytorch_model.bin beside it
+        model = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
+                                                 use_safetensors=True)
     except Exception as e:  # diffusers raises OSError, ValueError, SafetensorError, RuntimeError, ...
-        reason = first_line(e)[:160]
-        raise VAEError(f"cannot load the Wan VAE weights file {weights[0]} ({type(e).__name__}: {reason}); "
+        raise VAEError(f"cannot load the Wan VAE weights {weights[0]} ({type(e).__name__}: {first_line(e)[:160]}); "
                        f"the file is corrupt or does not match {folder / 'config.json'}") from None
     return WanVAE(model)
 
@@ -564,6 +562,12 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise VAEError(f"{path} must hold a JSON object; re-save the model")
     return data
+
+
+def _pickled(folder: Path) -> str:  # what to say of pickled weights in `folder` (dfm never loads them); "" if none
+    found = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    return (f"{found[0]} is pickled and dfm loads only safetensors (unpickling can run code): convert it where you "
+            f"trust it, safetensors.torch.save_file(torch.load(FILE, weights_only=True), OUT)") if found else ""
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -87,3 +87,37 @@ def test_dotted_keys_into_a_mapping_field(tmp_path):
     p.write_text("model:\n  overrides:\n    num_layers: 2\n    ffn_dim: 64\n")
     cfg = load_config(Cfg2, p, ["model.overrides.num_layers=3", "model.overrides.patch_size=[1, 2, 2]"])
     assert cfg.model.overrides == {"num_layers": 3, "ffn_dim": 64, "patch_size": [1, 2, 2]}
+
+
+# ------------------------------------------------------------------ issue 13: booleans and duplicate keys
+
+
+def test_a_boolean_is_not_a_number(tmp_path):
+    for value in ("true", "false", "yes"):
+        with pytest.raises(ConfigError, match=r"config key 'train.max_steps' must be int, got (True|False) "
+                                              r"\(a boolean\)"):
+            load_config(Cfg, None, [f"train.max_steps={value}"])
+    with pytest.raises(ConfigError, match="'optim.lr' must be float, got True"):
+        load_config(Cfg, None, ["optim.lr=true"])
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_steps: true\n")
+    with pytest.raises(ConfigError, match="max_steps' must be int"):
+        load_config(Cfg, p)
+    assert load_config(Cfg, None, ["train.max_steps=3"]).train.max_steps == 3  # numbers still pass
+
+
+def test_a_duplicate_key_at_any_level_is_one_line_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    for text, key, lines in [("train:\n  max_steps: 5\noptim:\n  lr: 0.1\ntrain:\n  max_steps: 6\n", "train", (1, 5)),
+                             ("train:\n  max_steps: 5\n  output_dir: a\n  max_steps: 6\n", "max_steps", (2, 4)),
+                             ("train: {max_steps: 5, max_steps: 6}\n", "max_steps", (1, 1))]:
+        p.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config(Cfg, p)
+        message = str(info.value)
+        assert len(message.splitlines()) == 1 and str(p) in message
+        assert f"key '{key}' appears twice in one mapping (lines {lines[0]} and {lines[1]}); keep one" in message
+    p.write_text("base: &b {max_steps: 5}\ntrain:\n  <<: *b\n  output_dir: x\n")  # a merge key is not a duplicate
+    from dfm.config import load_yaml
+
+    assert load_yaml(p.read_text())["train"] == {"max_steps": 5, "output_dir": "x"}

@@ -54,7 +54,10 @@ def test_sidecar_captions_and_skipped_files(folder):
     assert [p.path.name for p in data.clips] == ["a.mp4", "b.gif", "c"]
     assert [p.caption for p in data.clips] == ["a grey ramp", "a gif ramp", "png frames"]
     assert sorted(path.split("/")[-1] for path, _ in data.skipped) == ["broken.mp4", "empty.webm"]
-    assert len(messages) == 2 and all("skipping" in m for m in messages)  # one warning per broken file
+    # one summary warning (issue 13: it was one per file): clips used, skipped by reason, the files named
+    (message,) = messages
+    assert message.startswith(f"VideoFolder {folder}: 3 clips used, 2 skipped (2 unreadable): ")
+    assert "broken.mp4 (unreadable" in message and "empty.webm (unreadable" in message
     for i in range(len(data)):
         item = data[i]
         assert item["video"].shape == (3, 4, 16, 16)
@@ -168,3 +171,41 @@ def test_file_failing_at_load_time_is_replaced_and_counted(folder):
         png.write_bytes(b"")
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="every file"):
         data[0]
+
+
+# ------------------------------------------------------------------ issue 13: one summary, a broken meta.json
+
+
+def test_many_broken_files_give_one_summary_line(tmp_path):
+    root = tmp_path / "videos"
+    write_video(root / "good.mp4", ramp(8, 16, 16), fps=8)
+    write_video(root / "short.mp4", ramp(2, 16, 16), fps=8)
+    for i in range(7):
+        (root / f"bad{i}.mp4").write_bytes(b"\x00" * 64)
+    (root / "latin1.mp4").write_bytes((root / "good.mp4").read_bytes())
+    (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))  # a caption that is not UTF-8: skipped, named
+    data, messages = load(root, num_frames=4, size=(16, 16))
+    assert [c.path.name for c in data.clips] == ["good.mp4"] and len(data.skipped) == 9
+    (message,) = messages
+    assert len(message.splitlines()) == 1
+    assert "1 clips used, 9 skipped (" in message
+    assert all(part in message for part in ("7 unreadable,", "1 unreadable caption", "1 too short"))
+    assert "bad0.mp4 (unreadable" in message and message.endswith("; and 4 more (dataset.skipped lists them)")
+
+
+def test_a_broken_meta_json_is_one_user_error(tmp_path):
+    from dfm.data.folders import VideoFolderError
+    from dfm.errors import UserError
+
+    root = tmp_path / "videos"
+    write_video(root / "a.mp4", ramp(8, 16, 16), fps=8)
+    for text, match in [(b"[{\"file_name\": \"a.mp4\",", "meta.json is not readable JSON .*JSONDecodeError"),
+                        (b"\xff\xfe[]", "meta.json is not readable JSON .*UnicodeDecodeError"),
+                        (b"{\"a.mp4\": \"x\"}", "must hold a list .* got dict")]:
+        (root / "meta.json").write_bytes(text)
+        with pytest.raises(VideoFolderError, match=match) as info:
+            VideoFolder(root, num_frames=4, size=(16, 16))
+        assert isinstance(info.value, UserError) and len(str(info.value).splitlines()) == 1
+    (root / "meta.json").write_text(json.dumps([{"file_name": "a.mp4", "caption": "x", "start_frame": "one"}]))
+    data, messages = load(root, num_frames=4, size=(16, 16))
+    assert len(data) == 0 and "bad start_frame" in messages[0]

@@ -562,3 +562,159 @@ def test_export_of_a_vae_run_is_how_a_vae_reaches_models(tmp_path, capsys):
     assert _export(capsys, run, out, "--force")[0] == 0
     rc, err = _export(capsys, run, tmp_path / "x", "--steps", "4")
     assert rc == 2 and len(err) == 1 and "steps" in err[0] and not (tmp_path / "x").exists()
+
+
+# ============================================================================================================
+# issue 13 (results wrong without a word; outputs checked before the work): non-finite stages, guidance and
+# seed ranges, unknown words, the thread default, --out checked before sampling
+
+
+def _broken(pipe, part: str, value=float("nan")):
+    """A copy of `pipe` whose `part` ("transformer", "text") has one non-finite weight tensor, and its name."""
+    import copy
+
+    pipe = copy.deepcopy(pipe)
+    module = {"transformer": pipe.transformer, "text": pipe.text}[part]
+    name, tensor = next((n, t) for n, t in module.state_dict().items() if t.is_floating_point() and t.ndim >= 1)
+    tensor.fill_(value)  # state_dict tensors share the parameters' storage
+    if part == "text":
+        pipe.text.clear_cache()  # the copy's cache holds rows encoded with the good weights
+    return pipe, name
+
+
+def test_non_finite_weights_fail_naming_the_stage_and_the_part(pipes):
+    """NaN/inf anywhere gave a black (or grey) video and exit 0; now one line names the stage and the tensor."""
+    import copy
+    import types
+
+    pipe, name = _broken(pipes["wan_flow"], "transformer")
+    with pytest.raises(PipelineError) as info:
+        pipe.generate(PROMPTS[0], seed=0, progress=False)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and message.startswith("sampling gave ")
+    assert f"the transformer's weights hold NaN or inf (1 tensor, e.g. {name})" in message
+    pipe, name = _broken(pipes["dit_edm"], "text", float("inf"))
+    with pytest.raises(PipelineError, match=f"^text encoding gave .* text encoder's weights .*{name}"):
+        pipe.generate(PROMPTS[0], seed=0, progress=False)
+    pipe = copy.copy(pipes["wan_flow"])  # a VAE whose decoder gives NaN (the tiny models decode by identity)
+    pipe.vae = types.SimpleNamespace(decode=lambda z: torch.full((z.shape[0], 3, 2, 8, 8), float("nan")),
+                                     latent_shape=pipe.vae.latent_shape, channels=pipe.vae.channels)
+    with pytest.raises(PipelineError, match="^VAE decoding gave 384 non-finite values .* of 384; the weights are "
+                                            "finite, so sampling diverged"):
+        pipe.generate(PROMPTS[0], seed=0, progress=False)
+
+
+def test_cli_generate_on_nan_weights_is_exit_2_and_writes_nothing(runs, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nan_model"
+    shutil.copytree(runs["wan_flow"][2], folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(weights)
+    key = sorted(sd)[0]
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    save_file(sd, weights)
+    out = tmp_path / "v.mp4"
+    assert cli.main(["generate", PROMPTS[0], "--model", str(folder), "--steps", "2", "--out", str(out),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sampling gave" in err[0] and "NaN or inf" in err[0] and not out.exists()
+
+
+def test_guidance_and_seed_ranges_are_stated_and_enforced(pipes):
+    from dfm.pipeline.pipeline import GUIDANCE_MAX, SEED_LIMIT
+
+    pipe = pipes["wan_flow"]
+    assert GUIDANCE_MAX == 100 and SEED_LIMIT == 2**32
+    for w in (-5, -0.1, 100.5, 1e6):
+        with pytest.raises(PipelineError, match=r"guidance_scale must be in \[0, 100\]"):
+            pipe.generate(PROMPTS[0], guidance_scale=w, steps=1, progress=False)
+    for w in (0, 100):  # the ends are allowed: the unconditional model, and strong guidance
+        pipe.generate(PROMPTS[0], guidance_scale=w, steps=1, seed=0, progress=False)
+    for seed in (-1, 2**32, 2**70):
+        with pytest.raises(PipelineError, match=r"seed .* is out of range: seeds are integers in \[0, 4294967295\]"):
+            pipe.generate(PROMPTS[0], seed=seed, steps=1, progress=False)
+    with pytest.raises(PipelineError, match=r"must be an integer"):
+        pipe.generate(PROMPTS[0], seed=1.5, steps=1, progress=False)
+    with pytest.raises(PipelineError, match=r"\[0, 4294967294\] \(one per video: seed to seed \+ 1\)"):
+        pipe.generate(PROMPTS[:2], seed=2**32 - 1, steps=1, progress=False)  # seed + 1 would alias seed 0
+    with pytest.raises(PipelineError, match=r"seeds\[1\] -3 is out of range"):
+        pipe.generate(PROMPTS[:2], seeds=[0, -3], steps=1, progress=False)
+    last = pipe.generate(PROMPTS[0], seed=2**32 - 1, steps=1, progress=False)
+    assert last.seeds == [2**32 - 1]
+    # 64-bit hashes in a seeds list (the trainer's validation seeds) are what torch reads of them: the low 32 bits
+    a = pipe.generate(PROMPTS[0], seeds=[2**40 + 5], steps=1, progress=False)
+    b = pipe.generate(PROMPTS[0], seeds=[5], steps=1, progress=False)
+    assert a.seeds == [5] and torch.equal(a.videos, b.videos)
+
+
+def test_unknown_words_warn_once_per_word_set(runs):
+    import warnings
+
+    from dfm.text import UnknownWordsWarning
+
+    pipe = load_pipeline(runs["wan_flow"][2])  # a fresh encoder: nothing said yet
+    with pytest.warns(UnknownWordsWarning, match=r"does not know 'a', 'cat', 'surfing' .* it knows \d+ words: "):
+        pipe.generate("a cat surfing", seed=0, steps=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.generate("a cat surfing", seed=1, steps=1, progress=False)  # same words: said already
+        pipe.generate("the cat a surfing", seed=1, steps=1, progress=False)
+        pipe.generate(PROMPTS[0], seed=1, steps=1, progress=False)
+
+
+def test_small_generations_run_on_one_thread(pipes, runs, tmp_path, monkeypatch):
+    from dfm.pipeline import Pipeline
+
+    pipe = pipes["wan_flow"]
+    assert pipe.cpu_threads(pipe.settings()) == 1  # 8x8 frames of a 1-block model: far below SMALL_WORK
+    big = pipe.settings(num_frames=2, height=8, width=8)
+    big["shape"] = (big["shape"][0], 2000, 1000, 1000)  # as if the video were huge
+    assert pipe.cpu_threads(big) is None
+    seen = []
+    original = Pipeline.generate
+    monkeypatch.setattr(Pipeline, "generate", lambda self, *a, **k: seen.append(torch.get_num_threads())
+                        or original(self, *a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cli.main(["generate", PROMPTS[0], "--model", str(runs["wan_flow"][2]), "--steps", "1", "--out",
+                         str(tmp_path / "v.mp4"), "--no-progress"]) == 0
+        assert seen == [1] and torch.get_num_threads() == 2  # restored after the command
+        assert cli.main(["generate", PROMPTS[0], "--model", str(runs["wan_flow"][2]), "--steps", "1", "--out",
+                         str(tmp_path / "v.mp4"), "--no-progress", "--threads", "2"]) == 0
+        assert seen == [1, 2]  # --threads N wins
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cli_generate_checks_out_before_loading_or_sampling(runs, tmp_path, capsys, monkeypatch):
+    """--out naming a folder was found only after sampling (IsADirectoryError); a file on the way
+    (--out file/x.mp4) and a read-only folder gave tracebacks. Now: one line, before the model is loaded."""
+    from dfm.pipeline import commands
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(commands, "load_pipeline", no_work)
+    (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "a.png").mkdir()  # the contact sheet's name
+    cases = [([str(tmp_path / "folder.mp4")], "folder.mp4 is a folder; give a file name"),
+             ([str(tmp_path / "file" / "x.mp4")], "file is a file, not a folder"),
+             ([str(tmp_path / "file" / "deeper" / "x.gif")], "file is a file, not a folder"),
+             ([str(tmp_path / "a.mp4")], "a.png is a folder")]
+    for out, expected in cases:
+        assert cli.main(["generate", PROMPTS[0], "--model", str(runs["wan_flow"][2]), "--out", *out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (out, err)
+    (tmp_path / "b_01.mp4").mkdir()  # several prompts: b_00.mp4, b_01.mp4
+    assert cli.main(["generate", PROMPTS[0], PROMPTS[1], "--out", str(tmp_path / "b.mp4")]) == 2
+    assert "b_01.mp4 is a folder" in capsys.readouterr().err
+    monkeypatch.setattr(commands.os, "access", lambda path, mode: False)  # a read-only disk (root ignores modes)
+    assert cli.main(["generate", PROMPTS[0], "--out", str(tmp_path / "c.mp4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot write in {tmp_path} (read-only or no permission)" in err[0]
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["generate", PROMPTS[0]]) == 2  # the default folder, outputs/, is checked too
+    assert "the default output folder" in capsys.readouterr().err

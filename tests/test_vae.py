@@ -461,3 +461,33 @@ def test_diffusion_training_runs_in_the_latent_space_of_a_vae_folder(tmp_path):
     assert result["step"] == 2 and math.isfinite(result["loss"])
     sample = read_video(tmp_path / "run" / "samples" / "step_00000002" / "00.mp4")
     assert tuple(sample.shape) == (3, 5, 16, 16)
+
+
+# ------------------------------------------------------------------ issue 13: only safetensors are ever loaded
+
+
+def test_pickled_vae_weights_are_refused_by_name_never_unpickled(tmp_path):
+    """A Wan VAE folder holding some *.safetensors plus diffusion_pytorch_model.bin: diffusers alone would unpickle
+    the .bin (use_safetensors defaults to a fallback); load_vae refuses it, and a dfm VAE folder with only a
+    pickled file is refused by name too."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    ref = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    folder = tmp_path / "wan"
+    ref.save_pretrained(folder)
+    (folder / "diffusion_pytorch_model.safetensors").rename(folder / "other.safetensors")
+    torch.save(ref.state_dict(), folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(VAEError) as info:
+        load_vae(folder)
+    message = str(info.value)
+    assert "diffusion_pytorch_model.safetensors is missing" in message and "\n" not in message
+    assert "diffusion_pytorch_model.bin is pickled and dfm loads only safetensors" in message
+    assert "save_file(torch.load(FILE, weights_only=True)" in message  # how to convert
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    weights = tmp_path / "vae" / "model.safetensors"
+    weights.rename(tmp_path / "vae" / "model.ckpt")
+    with pytest.raises(VAEError, match="model.safetensors is missing; model.ckpt is pickled and dfm loads only"):
+        load_vae(tmp_path / "vae")

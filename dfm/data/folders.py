@@ -15,7 +15,9 @@ item (`temporal_crop`), then resized (shorter side) and centre-cropped. Shapes:
 `dataset.bucket_keys[i] = (F, H, W)` is item i's shape; `BucketBatchSampler` batches by it.
 
 Broken files never stop training. At construction every file's header is probed (cheap, no decoding); unreadable,
-empty or too-short files are skipped with one warning each and listed in `dataset.skipped` as (path, reason).
+empty or too-short files (and captions that are not UTF-8) are skipped, listed in `dataset.skipped` as (path,
+reason), and summed up in one warning (clips used, files skipped by reason, the first few names). A meta.json that
+cannot be read is a VideoFolderError (a dfm.errors.UserError): it describes the whole folder.
 A file that fails later, in `__getitem__`, is recorded the same way and replaced by the next item with the same
 bucket key (deterministic, and the batch keeps its shape). With DataLoader workers each worker holds its own copy,
 so failures found inside workers are warned about there but not added to the main process's `skipped`.
@@ -33,6 +35,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from ..video import (
     VIDEO_EXTENSIONS,
     VideoInfo,
@@ -43,6 +46,10 @@ from ..video import (
     resize_center_crop,
 )
 from .buckets import nearest_bucket
+
+
+class VideoFolderError(UserError, ValueError):
+    """A video folder that cannot be read as a whole (no folder, a broken meta.json); the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -105,29 +112,52 @@ class VideoFolder(Dataset):
         entries = self._read_meta(meta_path) if meta_path is not None and meta_path.is_file() else self._scan_sidecars()
         self.clips = [clip for clip in (self._make_clip(*entry) for entry in entries) if clip is not None]
         self.bucket_keys = [clip.shape for clip in self.clips]  # (F, H, W) per item
+        if self.skipped:
+            warnings.warn(self.summary(), stacklevel=2)
+
+    def summary(self, shown: int = 5) -> str:
+        """One line: clips used, files skipped by reason, the first `shown` of them with their reasons."""
+        kinds: dict = {}
+        for _, reason in self.skipped:
+            kind = reason.split(" (")[0].split(":")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        names = "; ".join(f"{Path(path).name} ({' '.join(reason.split())[:100]})"
+                          for path, reason in self.skipped[:shown])
+        rest = len(self.skipped) - shown
+        more = f"; and {rest} more (dataset.skipped lists them)" if rest > 0 else ""
+        return (f"VideoFolder {self.root}: {len(self.clips)} clips used, {len(self.skipped)} skipped "
+                f"({', '.join(f'{n} {k}' for k, n in kinds.items())}): {names}{more}")
 
     # ---- construction
 
-    def _skip(self, path, reason: str) -> None:
-        warnings.warn(f"VideoFolder: skipping {path}: {reason}", stacklevel=3)
+    def _skip(self, path, reason: str, warn: bool = False) -> None:
+        """Record a file left out; `warn`: say so now (a failure while training; at construction `summary` does)."""
+        if warn:
+            warnings.warn(f"VideoFolder: skipping {path}: {reason}", stacklevel=3)
         self.skipped.append((str(path), reason))
 
     def _read_meta(self, meta_path: Path) -> list:
         """(path, caption, start, end) from a meta.json list."""
-        with open(meta_path) as handle:
-            records = json.load(handle)
+        try:
+            records = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+            raise VideoFolderError(f"{meta_path} is not readable JSON ({type(e).__name__}: {str(e)[:120]}); fix it, "
+                                   f"or delete it to use .txt captions beside the videos") from None
         if not isinstance(records, list):
-            raise ValueError(f"{meta_path} must hold a list of {{file_name, caption, start_frame, end_frame}}")
+            raise VideoFolderError(f"{meta_path} must hold a list of {{file_name, caption, start_frame, end_frame}}, "
+                                   f"got {type(records).__name__}")
         entries = []
         for record in records:
             if not isinstance(record, dict) or "file_name" not in record:
                 self._skip(meta_path, f"entry without file_name: {record!r}")
                 continue
             end = record.get("end_frame")
-            entries.append(
-                (self.root / record["file_name"], str(record.get("caption", "")),
-                 int(record.get("start_frame", 0) or 0), None if end is None else int(end))
-            )
+            try:
+                start, end = int(record.get("start_frame", 0) or 0), None if end is None else int(end)
+            except (TypeError, ValueError):
+                self._skip(meta_path, f"entry with bad start_frame/end_frame: {record!r}")
+                continue
+            entries.append((self.root / str(record["file_name"]), str(record.get("caption", "")), start, end))
         return entries
 
     def _scan_sidecars(self) -> list:
@@ -144,7 +174,11 @@ class VideoFolder(Dataset):
                 caption_file = path.with_suffix(".txt")
             else:
                 continue
-            caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+            try:
+                caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
+            except (OSError, UnicodeDecodeError) as e:
+                self._skip(path, f"unreadable caption ({caption_file.name}: {type(e).__name__})")
+                continue
             entries.append((path, caption, 0, None))
         return entries
 
@@ -219,5 +253,6 @@ class VideoFolder(Dataset):
                 return self.load(candidate)
             except Exception as error:
                 self._failed.add(candidate)
-                self._skip(self.clips[candidate].path, f"failed to decode ({type(error).__name__}: {error})")
+                self._skip(self.clips[candidate].path, f"failed to decode ({type(error).__name__}: {error})",
+                           warn=True)
         raise RuntimeError(f"VideoFolder: every file with shape {key} failed to decode; see dataset.skipped")

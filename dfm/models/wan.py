@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dfm.errors import CheckpointError
+from dfm.errors import CheckpointError, first_line
 from dfm.io import save_safetensors
 
 from .layers import (
@@ -375,6 +375,11 @@ def _read_safetensors(files: list[Path]) -> dict:
     return sd
 
 
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle files: never loaded
+CONVERT_HINT = ("convert them where you trust them, e.g. safetensors.torch.save_file(torch.load(FILE, "
+                "weights_only=True), 'diffusion_pytorch_model.safetensors')")
+
+
 def _weight_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -386,14 +391,18 @@ def _weight_files(path: Path) -> list[Path]:
                               "or a .safetensors file")
     if (path / INDEX_NAME).is_file():
         try:
-            weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            weight_map = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path / INDEX_NAME} is not a valid safetensors index ({e}); download it again") from e
         return [path / f for f in sorted(set(weight_map.values()))]
     if (path / WEIGHTS_NAME).is_file():
         return [path / WEIGHTS_NAME]
     if (path / "transformer").is_dir():
         raise CheckpointError(f"{path} looks like a pipeline folder; pass {path / 'transformer'}")
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_SUFFIXES)
+    if pickled:
+        raise CheckpointError(f"{path} holds pickled weights only ({', '.join(pickled[:3])}); dfm loads only "
+                              f"safetensors (unpickling can run code): {CONVERT_HINT}")
     found = sorted(p.name for p in path.iterdir())[:10]
     raise CheckpointError(f"no weights in {path}: expected {WEIGHTS_NAME} or {INDEX_NAME} (found {found}); "
                           "download the transformer weights (safetensors) into this folder")
@@ -466,9 +475,9 @@ def load_pretrained(cls, path, config=None, dtype=torch.float32, device="cpu"):
         cfg, config_source = WanConfig.from_dict(config, "config argument"), "the config argument"
     elif path.is_dir() and config_file.is_file():
         try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_file} is not valid JSON ({e}); download it again") from e
+            raw = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{config_file} is not valid JSON ({first_line(e)}); download it again") from None
         cfg, config_source = WanConfig.from_dict(raw, str(config_file)), str(config_file)
     else:
         cfg, config_source = infer_config(sd), "the weights (inferred, head dim 128)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -9,8 +10,9 @@ from pathlib import Path
 import torch
 
 from dfm.diffusion.schedules import GRIDS
+from dfm.errors import first_line
 from dfm.pipeline.folders import DEFAULT_MODEL, describe, export_checkpoint, load_pipeline
-from dfm.pipeline.pipeline import PipelineError
+from dfm.pipeline.pipeline import PipelineError, check_seed
 from dfm.video import write_contact_sheet, write_video
 
 
@@ -27,19 +29,67 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "video"
 
 
+def check_output(path: str | Path, flag: str, suffix: str = ".mp4") -> Path:
+    """A one-line PipelineError, before any work, when `path` cannot be written as a file: it is a folder, a folder
+    on its way is a file, or the nearest existing folder is not writable (a read-only disk)."""
+    path = Path(path)
+    if path.is_dir():
+        raise PipelineError(f"{flag} {path} is a folder; give a file name, e.g. {path / ('out' + suffix)}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise PipelineError(f"{flag} {path}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"{flag} {path}: cannot write in {parent} (read-only or no permission); choose "
+                            f"another path")
+    return path
+
+
+def resolve_device(name: str) -> str:
+    """--device auto | cpu | cuda -> the device, or a one-line PipelineError when CUDA is asked for and absent."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise PipelineError(f"--device cuda but {why}; use --device cpu (or auto)")
+    return name
+
+
+def set_threads(threads: int) -> None:
+    """--threads N: N > 0 sets torch's CPU threads; 0 keeps the default (dfm.cli sets one that fits the machine's
+    load, and `Pipeline.cpu_threads` takes one thread for small generations)."""
+    if threads < 0:
+        raise PipelineError(f"--threads must be >= 0 (0: automatic), got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def cmd_generate(args) -> int:
-    if args.threads < 0:
-        raise PipelineError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.seed is not None:
+        check_seed(args.seed, "--seed", len(args.prompt))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if args.out and Path(args.out).suffix.lower() not in (".mp4", ".gif"):  # before minutes of sampling
-        raise PipelineError(f"--out {args.out}: use a .mp4 or .gif file name")
+    if args.out:  # before minutes of sampling: the name, and that the videos and the contact sheet can be written
+        if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
+            raise PipelineError(f"--out {args.out}: use a .mp4 or .gif file name")
+        out = Path(args.out)
+        several = len(args.prompt) > 1
+        for target in ([out.with_name(f"{out.stem}_{i:02d}{out.suffix}") for i in range(len(args.prompt))]
+                       if several else [out]) + [out.with_suffix(".png")]:
+            check_output(target, "--out")
+    else:
+        check_output(Path("outputs") / "video.mp4", "the default output folder")
     model = Path(args.model)
     if args.model == DEFAULT_MODEL and not model.exists():  # the shipped model, from outside the repository
         model = Path(__file__).resolve().parents[2] / DEFAULT_MODEL
     pipe = load_pipeline(model, device=device, dtype=dtype)
+    if not args.threads and device == "cpu":  # a small generation: one thread (threads only add waiting)
+        settings = pipe.settings(args.frames, args.height, args.width, args.steps, args.sampler, args.guidance,
+                                 args.guidance_rescale, args.guidance_interval, args.grid, args.shift)
+        if pipe.cpu_threads(settings, batch=len(args.prompt)):
+            torch.set_num_threads(1)
     out = pipe.generate(args.prompt, negative_prompt=args.negative, num_frames=args.frames, height=args.height,
                         width=args.width, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
                         shift=args.shift, seed=args.seed, progress=not args.no_progress,
@@ -67,8 +117,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _unreadable_weights(path: Path) -> Path | None:
+    """The first *.safetensors file under `path` whose header safetensors cannot read (a truncated download)."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except (SafetensorError, OSError):
+            return f
+    return None
+
+
 def cmd_info(args) -> int:
-    print(describe(args.path))
+    from safetensors import SafetensorError
+
+    set_threads(args.threads)
+    try:
+        text = describe(args.path)
+    except SafetensorError as e:  # a truncated or garbled weights file: name it (generate's loaders do too)
+        bad = _unreadable_weights(Path(args.path)) or args.path
+        raise PipelineError(f"could not read {bad}: {first_line(e)}. The file is corrupt or truncated; download or "
+                            f"export it again") from None
+    print(text)
     return 0
 
 
@@ -94,7 +166,7 @@ def add_commands(sub) -> None:
                    "edm:dpmpp_2m (a bare method looks in the model's own space first)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps")
     p.add_argument("--guidance", "--guidance-scale", dest="guidance", type=float, default=None,
-                   help="classifier-free guidance scale w (1 = off)")
+                   help="classifier-free guidance scale w in [0, 100] (1 = off, 0 = unconditional)")
     p.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI",
                    help="guidance rescale phi in [0, 1] (Lin et al. 2023; 0 = plain CFG), on the model's own "
                         "prediction (flow: velocity, EDM: x0)")
@@ -107,14 +179,15 @@ def add_commands(sub) -> None:
     p.add_argument("--shift", type=float, default=None,
                    help="flow grid shift (flow models; a Wan folder defaults to its scheduler's flow_shift, else "
                         "5.0; diffusers' Wan example: 5.0 at 720p, 3.0 at 480p)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the first video (random if unset; printed)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first video, an integer in [0, 2^32) "
+                   "(video i: seed + i; random if unset; printed)")
     p.add_argument("--frames", type=int, default=None, help="number of frames")
     p.add_argument("--height", type=int, default=None, help="frame height in pixels")
     p.add_argument("--width", type=int, default=None, help="frame width in pixels")
     p.add_argument("--out", default=None, help="output .mp4 or .gif (default outputs/<prompt>_s<seed>.mp4)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's; 1 is steadiest on a "
-                   "busy machine)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: automatic: one for small "
+                   "models and videos, else the cores the machine's load leaves free)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="transformer precision (bf16 on GPUs; the CPU is fastest in fp32)")
     p.add_argument("--scale", type=int, default=0, help="write the video and contact sheet N times larger "
@@ -127,6 +200,7 @@ def add_commands(sub) -> None:
                                    "checkpoint holds: arch, paradigm, parameters per part, latent and text sizes, "
                                    "sampling defaults.")
     p.add_argument("path", help="model folder, checkpoint (step_* folder) or run directory")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: automatic)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("export", help="turn a trainer checkpoint into a model folder",

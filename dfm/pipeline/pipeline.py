@@ -4,6 +4,7 @@ Overview: dfm/pipeline/__init__.py; model folders in and out: dfm/pipeline/folde
 from __future__ import annotations
 
 import math
+import operator
 import os
 import sys
 import time
@@ -31,6 +32,37 @@ class PipelineError(UserError, ValueError):
     """A bad model folder or generation argument; the message is one line that names the problem and the fix."""
 
 
+# Seeds. Noise is drawn from CPU torch.Generators (the same videos on every device), and a CPU generator (mt19937)
+# reads only the low 32 bits of its seed: manual_seed(s) and manual_seed(s + 2**32) give the same noise, and
+# manual_seed(-1) is manual_seed(2**64 - 1). So a seed a user gives is an integer in [0, SEED_LIMIT), where no two
+# seeds alias (a batch's seed, seed + 1, ... included).
+SEED_LIMIT = 2**32
+# Guidance scales w in [0, GUIDANCE_MAX]: 0 is the unconditional model, 1 the conditional one (no guidance), w > 1
+# extrapolates away from the unconditional branch. Published defaults are 3-7.5 (Wan 5, Stable Diffusion 7.5) and
+# few exceed 30; far beyond that the update is the (scaled-up) difference of two predictions, not an image. w < 0
+# guides away from the prompt, which a negative prompt does properly. 100 leaves room to experiment.
+GUIDANCE_MAX = 100.0
+# Below this much work per forward (transformer parameters x latent tokens x batch, about FLOPs / 2), more CPU
+# threads buy nothing and cost a lot on a busy machine (measured on the shipped model, 1.2M parameters x 80 tokens:
+# 0.5 s with one thread, 5-20 s with two on a loaded 2-core machine); `cpu_threads` gives one thread there.
+SMALL_WORK = 1e9
+
+
+def check_seed(seed, name: str = "seed", count: int = 1) -> int:
+    """`seed` as an int in [0, SEED_LIMIT - count] (so seed .. seed + count - 1 are distinct seeds), or a one-line
+    PipelineError naming the range."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        try:
+            seed = operator.index(seed)  # numpy integers; not floats or strings
+        except TypeError:
+            raise PipelineError(f"{name} must be an integer in [0, {SEED_LIMIT - count}], got {seed!r}") from None
+    if not 0 <= seed <= SEED_LIMIT - count:
+        more = f" (one per video: {name} to {name} + {count - 1})" if count > 1 else ""
+        raise PipelineError(f"{name} {seed} is out of range: seeds are integers in [0, {SEED_LIMIT - count}]{more}, "
+                            f"since torch's CPU generator reads only the low 32 bits of a seed")
+    return int(seed)
+
+
 # ============================================================================================ conditioning
 
 
@@ -50,6 +82,14 @@ def count_tokens(text_encoder, prompt: str) -> int | None:
         except (TypeError, KeyError):
             return None
     return None
+
+
+def _list_seed(seed, i: int) -> int:
+    """An entry of `generate(seeds=...)`: in [0, SEED_LIMIT); a 64-bit hash in [SEED_LIMIT, 2**64) (what the trainer's
+    validation passes, dfm.distributed.derive_seed) is reduced to its low 32 bits, exactly what torch reads of it."""
+    if isinstance(seed, int) and not isinstance(seed, bool) and SEED_LIMIT <= seed < 2**64:
+        return seed % SEED_LIMIT
+    return check_seed(seed, f"seeds[{i}]")
 
 
 # ================================================================================================ pipeline
@@ -108,15 +148,16 @@ class Pipeline:
                 raise PipelineError(f"prompt {i} is empty; write what the video should show "
                                     f"(for an unconditional sample use guidance_scale=1 with a neutral prompt)")
         if seeds is not None:
-            seeds = [int(s) for s in seeds]
+            seeds = [_list_seed(s, i) for i, s in enumerate(seeds)]
             if len(prompts) == 1 and len(seeds) > 1:
                 prompts = prompts * len(seeds)  # several videos of one prompt
             if len(seeds) != len(prompts):
                 raise PipelineError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per prompt")
         else:
             if seed is None:
-                seed = int.from_bytes(os.urandom(4), "little")
-            seeds = [int(seed) + i for i in range(len(prompts))]
+                seed = int.from_bytes(os.urandom(4), "little") % (SEED_LIMIT - len(prompts) + 1)
+            seed = check_seed(seed, count=len(prompts))
+            seeds = [seed + i for i in range(len(prompts))]
         if negative_prompt is not None:
             negative_prompt = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negative_prompt) == 1:
@@ -216,6 +257,10 @@ class Pipeline:
         for name, v in (("guidance_scale", guidance), ("guidance_rescale", rescale)):
             if not math.isfinite(v):
                 raise PipelineError(f"{name} must be a finite number, got {v}")
+        if not 0 <= guidance <= GUIDANCE_MAX:
+            raise PipelineError(f"guidance_scale must be in [0, {GUIDANCE_MAX:g}] (1 = no guidance, 0 = the "
+                                f"unconditional model; to steer away from something use a negative prompt), got "
+                                f"{guidance:g}")
         if not 0 <= rescale <= 1:
             raise PipelineError(f"guidance_rescale must be in [0, 1] (phi of Lin et al. 2023), got {rescale:g}")
         solver = resolve_sampler(pick(sampler, "sampler") or "auto", self.paradigm)
@@ -234,6 +279,33 @@ class Pipeline:
         self._prompts(prompts, self.defaults["negative_prompt"] if negative_prompt is None else negative_prompt, 0,
                       None)
         self.settings(**settings)
+
+    def _check_finite(self, x: Tensor, stage: str) -> None:
+        """A one-line PipelineError naming `stage` (and the part whose weights are not finite, if one is) when `x`
+        holds NaN or inf: such a video would come out black or grey and look like a result."""
+        if bool(torch.isfinite(x).all()):
+            return
+        bad = (~torch.isfinite(x)).sum().item()
+        parts = {"text encoding": ("text encoder", self.text), "sampling": ("transformer", self.transformer),
+                 "VAE decoding": ("VAE", self.vae)}
+        part, module = parts.get(stage, (None, None))
+        broken = [n for n, t in module.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()] \
+            if isinstance(module, nn.Module) else []
+        cause = (f"the {part}'s weights hold NaN or inf ({len(broken)} tensor{'s' if len(broken) > 1 else ''}, e.g. "
+                 f"{broken[0]}): the model folder is damaged or was saved from a diverged run; export a good "
+                 f"checkpoint again" if broken else
+                 "the weights are finite, so sampling diverged with these settings: try a lower guidance scale, "
+                 "more steps or another sampler")
+        raise PipelineError(f"{stage} gave {bad} non-finite values (NaN or inf) of {x.numel()}; {cause}")
+
+    def cpu_threads(self, settings: dict, batch: int = 1) -> int | None:
+        """1 when a generation of `settings` (this class's `settings(...)`) is too small for CPU threads to help
+        (see SMALL_WORK), else None (leave the count as it is)."""
+        params = sum(p.numel() for p in self.transformer.parameters())
+        patch = math.prod(getattr(self.transformer.config, "patch_size", (1,)))
+        tokens = math.prod(settings["shape"][1:]) / patch
+        guided = 2 if settings["guidance_scale"] != 1 else 1
+        return 1 if params * tokens * batch * guided < SMALL_WORK else None
 
     # ---------------------------------------------------------------------------------------- generate
 
@@ -262,6 +334,9 @@ class Pipeline:
         guidance, grid_ = s["guidance_scale"], s["grid"]
 
         cond, uncond = guidance_branches(self.encode, prompts, negative, self.null, self.use_mask, guidance)
+        for branch in (cond, uncond):
+            if branch is not None:
+                self._check_finite(branch["context"], "text encoding")
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         noise = torch.cat([torch.randn((1, *s["shape"]), generator=g) for g in generators])  # [B, C, f, h, w], CPU
         noise = noise.to(self.device)
@@ -283,8 +358,11 @@ class Pipeline:
         finally:
             if bar is not None:
                 bar.close()
+        self._check_finite(latents, "sampling")
         with torch.autocast(self.device.type, enabled=False):
-            videos = self.vae.decode(latents.float()).float().clamp(-1, 1).cpu()  # [B, 3, F, H, W]
+            videos = self.vae.decode(latents.float()).float()  # [B, 3, F, H, W]
+        self._check_finite(videos, "VAE decoding")
+        videos = videos.clamp(-1, 1).cpu()
         settings = {"num_frames": s["num_frames"], "height": s["height"], "width": s["width"], "steps": s["steps"],
                     "sampler": s["sampler"].name, "guidance_scale": guidance,
                     "guidance_rescale": s["guidance_rescale"], "guidance_interval": s["guidance_interval"],
