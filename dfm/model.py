@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch import nn
 
-from dfm.config import ConfigError, from_dict, upgrade
+from dfm.config import ConfigError, from_dict, load_yaml, upgrade
 from dfm.errors import first_line
 from dfm.diffusion.edm import EDMPrecond, edm_loss
 from dfm.diffusion.flow import TimestepSampler, flow_loss
@@ -146,8 +146,8 @@ class ModelRecipe:
 def read_recipe(path: Path) -> tuple[ModelRecipe, dict]:
     """(the model sections, the whole upgraded mapping) of a training config.yaml (a checkpoint's)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
+        raw = load_yaml(Path(path).read_text(encoding="utf-8"), path)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path} is not a readable config ({first_line(e)}); use a checkpoint written by "
                           f"`dfm train`") from None
     if not isinstance(raw, dict):

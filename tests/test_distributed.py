@@ -130,7 +130,7 @@ def test_fsdp2_trains_and_its_checkpoint_loads_and_resumes_in_one_process(launch
     # ... and one process resumes it (optimizer and EMA included) for two more steps, like the 1-process run
     resumed = train(load_config(TrainConfig, cfg_file, [f"train.output_dir={fsdp}", "train.max_steps=5"]),
                     resume="latest")
-    cont = one_process(cfg_file, tmp_path / "one", "train.max_steps=5")  # continues "one" from its step 3
+    cont = one_process(cfg_file, tmp_path / "one5", "train.max_steps=5")  # 5 steps of one process (constant lr)
     assert resumed["step"] == 5 and math.isfinite(resumed["loss"])
     torch.testing.assert_close(torch.tensor(losses(fsdp)), torch.tensor(cont), rtol=1e-4, atol=0)
 

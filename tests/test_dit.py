@@ -186,10 +186,6 @@ def test_bf16_weights_time_path_is_the_fp32_one():
     assert changes[0] > 0.01 and changes[1] > 0.5 * changes[0], changes
 
 
-@pytest.mark.xfail(strict=True, reason="dfm bug (reported from issue 14): under torch.autocast(bf16), which the "
-                   "trainer (CUDA) and the bf16 Pipeline use, the time embedder's and adaLN's F.linear run in bf16 "
-                   "(measured: the conditioning vector is 7.1e-3 off the fp32 one). Remove this mark when the time "
-                   "path disables autocast.")
 def test_autocast_time_path_is_fp32():
     torch.manual_seed(0)
     net = randomize(DiT(tiny(adaln_lora_rank=4, fps_embedding=True)))

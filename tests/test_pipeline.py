@@ -1,6 +1,6 @@
 """The text-to-video pipeline (dfm.pipeline): trainer checkpoint -> `dfm export` -> model folder -> `load_pipeline` ->
 `generate`, for a tiny WAN + flow and a tiny DiT + EDM model trained two steps; seeds, agreement with
-Trainer.generate, every sampler on both paradigms, input validation, and the `dfm generate / info / export` CLI."""
+a hand-written sampler, every sampler on both paradigms, input validation, and the `dfm generate / info / export` CLI."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from dfm.diffusion.schedules import sampling_grid
 from dfm.pipeline import Generation, PipelineError, export_checkpoint, load_pipeline
 from dfm.pipeline.folders import _text_module
 from dfm.training import TrainConfig, Trainer, train
+from dfm.training.trainer import validation_seed
 
 PROMPTS = ["the digit 1 moves up", "the digit 2 moves down", "the digit 3 moves to the left"]
 
@@ -183,7 +184,7 @@ def test_trainer_validation_and_exported_folder_match_a_hand_written_sampler(run
     trainer = Trainer(trainer_cfg, resume=str(ckpt))
     trainer.module.eval()
     validation = trainer.validation_videos(PROMPTS)  # the sampling section: 3 steps, guidance 3, shift 2
-    seeds = [D.derive_seed(cfg.train.seed, i, 2) for i in range(len(PROMPTS))]  # the trainer's validation noise
+    seeds = [validation_seed(cfg.train.seed, i) for i in range(len(PROMPTS))]  # the trainer's validation noise
     pipe = load_pipeline(raw)
     got = pipe.generate(PROMPTS, seeds=seeds, progress=False)
     torch.testing.assert_close(got.videos, validation, atol=1e-5, rtol=0)
@@ -435,7 +436,7 @@ def test_bad_guidance_settings_are_one_line_errors(pipes):
         pipe.generate(PROMPTS[0], guidance_interval=(0.9, 0.2))
     with pytest.raises(PipelineError, match="guidance_rescale must be in"):
         pipe.generate(PROMPTS[0], guidance_rescale=2.0)
-    with pytest.raises(SamplingError, match="unknown sampling grid 'bogus'"):
+    with pytest.raises(PipelineError, match="unknown sampling grid 'bogus'; use one of flow_shifted"):
         pipe.generate(PROMPTS[0], grid="bogus")
 
 
@@ -458,7 +459,9 @@ def test_trainer_refuses_a_validation_prompt_it_cannot_read_before_training(tmp_
     long = " ".join(["the digit 1 moves up"] * 3)  # 16 tokens > text.max_length 12
     cfg = tiny_config(tmp_path, "wan_flow")
     cfg.train.validate_every, cfg.train.val_prompts = 1, [long]
-    with pytest.raises(PipelineError, match="prompt 0 is 16 tokens long"):
+    from dfm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.val_prompts / sampling: prompt 0 is 16 tokens long"):
         Trainer(cfg)
     assert not (tmp_path / "wan_flow" / "checkpoints").exists()
 
@@ -642,10 +645,12 @@ def test_guidance_and_seed_ranges_are_stated_and_enforced(pipes):
         pipe.generate(PROMPTS[:2], seeds=[0, -3], steps=1, progress=False)
     last = pipe.generate(PROMPTS[0], seed=2**32 - 1, steps=1, progress=False)
     assert last.seeds == [2**32 - 1]
-    # 64-bit hashes in a seeds list (the trainer's validation seeds) are what torch reads of them: the low 32 bits
-    a = pipe.generate(PROMPTS[0], seeds=[2**40 + 5], steps=1, progress=False)
-    b = pipe.generate(PROMPTS[0], seeds=[5], steps=1, progress=False)
-    assert a.seeds == [5] and torch.equal(a.videos, b.videos)
+    with pytest.raises(PipelineError, match=r"seeds\[0\] 1099511627781 is out of range"):
+        pipe.generate(PROMPTS[0], seeds=[2**40 + 5], steps=1, progress=False)  # a seeds list is checked as strictly
+    # the trainer's validation seeds are 64-bit hashes taken to the range: what torch's generator reads of them
+    full = D.derive_seed(5, 1, 2)
+    a = torch.randn(4, generator=torch.Generator().manual_seed(full))
+    assert torch.equal(a, torch.randn(4, generator=torch.Generator().manual_seed(validation_seed(5, 1))))
 
 
 def test_unknown_words_warn_once_per_word_set(runs):

@@ -239,10 +239,6 @@ def test_bf16_weights_time_path_is_the_fp32_one(reference):
     assert changes[0] > 0.01 and changes[1] > 0.5 * changes[0], changes
 
 
-@pytest.mark.xfail(strict=True, reason="dfm bug (reported from issue 14): under torch.autocast(bf16), which the "
-                   "trainer (CUDA) and the bf16 Pipeline use, the time embedder's and time_proj's F.linear run in "
-                   "bf16 (measured: the time embedding is 1.6e-3 off the fp32 one); Wan's reference runs them under "
-                   "autocast(float32). Remove this mark when the time path disables autocast.")
 def test_autocast_time_path_is_fp32(reference):
     model = WanModel.from_pretrained(reference[1])
     x, t, context = inputs()

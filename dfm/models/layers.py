@@ -238,6 +238,13 @@ def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Ten
     return torch.addcmul(x, y, gate)
 
 
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear in fp32 whatever the weights' dtype and the autocast state: the time path and the modulation stay
+    fp32 under bf16 weights and under torch.autocast (Wan's reference runs them with autocast off)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
 class AdaLN(nn.Module):
     """Maps a conditioning vector c [B, Dc] to n modulation vectors [B, n, D] (shift/scale/gate ...).
 
@@ -263,9 +270,9 @@ class AdaLN(nn.Module):
         # fp32: modulation is computed in fp32 from an fp32 c
         h = F.silu(c.float())
         if hasattr(self, "proj"):
-            out = F.linear(h, self.proj.weight.float(), self.proj.bias.float())  # [B, n*D]
+            out = linear_fp32(h, self.proj.weight, self.proj.bias)  # [B, n*D]
         else:
-            out = F.linear(F.linear(h, self.down.weight.float()), self.up.weight.float())  # [B, n*D]
+            out = linear_fp32(linear_fp32(h, self.down.weight), self.up.weight)  # [B, n*D]
             if shared is not None:
                 out = out + shared
         return out.unflatten(-1, (self.n, self.dim))  # [B, n, D]
@@ -298,8 +305,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # fp32: the whole time path, with the weights upcast if the model was cast to bf16
-        h = F.linear(timestep_embedding(t, self.freq_dim), self.fc1.weight.float(), self.fc1.bias.float())
-        return F.linear(F.silu(h), self.fc2.weight.float(), self.fc2.bias.float())  # [B, dim]
+        h = linear_fp32(timestep_embedding(t, self.freq_dim), self.fc1.weight, self.fc1.bias)
+        return linear_fp32(F.silu(h), self.fc2.weight, self.fc2.bias)  # [B, dim]
 
 
 def sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:

@@ -45,6 +45,7 @@ from .layers import (
     cast_keeping_fp32,
     check_patchable,
     gated_add,
+    linear_fp32,
     modulate,
     run_blocks,
     unpatchify,
@@ -194,7 +195,7 @@ class WanModel(nn.Module):
         # fp32 time path: t is never rounded to bf16
         t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(B)  # [B]
         temb = self.time_embedder(t)  # [B, D]
-        t_mod = F.linear(F.silu(temb), self.time_proj.weight.float(), self.time_proj.bias.float())  # [B, 6D]
+        t_mod = linear_fp32(F.silu(temb), self.time_proj.weight, self.time_proj.bias)  # [B, 6D]
         t_mod = t_mod.unflatten(1, (6, cfg.dim))  # [B, 6, D]
         ctx = self.text_embedder(context.to(dtype))  # [B, Lc, D]
         h = run_blocks(self.blocks, h, ctx, t_mod, rope, context_mask, checkpointing=self.gradient_checkpointing)

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 
-from dfm.diffusion.schedules import GRIDS
 from dfm.errors import first_line
 from dfm.pipeline.folders import DEFAULT_MODEL, describe, export_checkpoint, load_pipeline
-from dfm.pipeline.pipeline import PipelineError, check_seed
+from dfm.pipeline.pipeline import GRID_NAMES, PipelineError, check_seed
 from dfm.video import write_contact_sheet, write_video
 
 
@@ -111,9 +110,12 @@ def cmd_generate(args) -> int:
         print(p)
     print(sheet)
     s = out.settings
+    extra = "".join([f" rescale {s['guidance_rescale']:g}" if s["guidance_rescale"] else "",
+                     f" interval {s['guidance_interval'][0]:g},{s['guidance_interval'][1]:g}"
+                     if s["guidance_interval"] else ""])
     print(f"dfm generate: {len(written)} video(s) of {s['num_frames']} frames at {s['height']}x{s['width']}, "
-          f"{s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']:g}, seeds {out.seeds}; "
-          f"NFE {out.nfe}, {out.seconds:.2f} s", file=sys.stderr)
+          f"{s['sampler']} {s['steps']} steps on the {s['grid']} grid, guidance {s['guidance_scale']:g}{extra}, "
+          f"seeds {out.seeds}; NFE {out.nfe}, {out.seconds:.2f} s", file=sys.stderr)
     return 0
 
 
@@ -174,7 +176,7 @@ def add_commands(sub) -> None:
                    help="guide only where LO < noise level <= HI, in the model's noise levels (flow models: flow "
                         "time s in [0, 1], 1 = pure noise; EDM models: sigma); the conditional model elsewhere "
                         "(Kynkaanniemi et al. 2024)")
-    p.add_argument("--grid", default=None, help=f"sampling grid: {', '.join(GRIDS)} (default: the model's; "
+    p.add_argument("--grid", default=None, help=f"sampling grid: {', '.join(GRID_NAMES)} (default: the model's; "
                    "logsnr: the few-step log-SNR grid)")
     p.add_argument("--shift", type=float, default=None,
                    help="flow grid shift (flow models; a Wan folder defaults to its scheduler's flow_shift, else "

@@ -16,14 +16,17 @@ from tqdm import tqdm
 
 from dfm.diffusion.paths import flow_t_to_sigma
 from dfm.diffusion.sampling import guided_sample
-from dfm.diffusion.samplers import Sampler, resolve_sampler
-from dfm.diffusion.schedules import Grid, sampling_grid
+from dfm.diffusion.samplers import resolve_sampler
+from dfm.diffusion.schedules import GRIDS, Grid, sampling_grid
 from dfm.errors import UserError
 from dfm.text import WordTokenizer, guidance_branches, wan_prompt_clean, words
 
 Tensor = torch.Tensor
 
 # the generation defaults a model folder holds (model_index.json "defaults"); None: off / the model's own
+# the grids a name can select (a model folder, --grid); "learned" needs a fitted LearnedSchedule object
+GRID_NAMES = tuple(g for g in GRIDS if g != "learned")
+
 DEFAULT_KEYS = ("num_frames", "height", "width", "fps", "steps", "sampler", "guidance_scale", "guidance_rescale",
                 "guidance_interval", "shift", "negative_prompt")
 
@@ -84,14 +87,6 @@ def count_tokens(text_encoder, prompt: str) -> int | None:
     return None
 
 
-def _list_seed(seed, i: int) -> int:
-    """An entry of `generate(seeds=...)`: in [0, SEED_LIMIT); a 64-bit hash in [SEED_LIMIT, 2**64) (what the trainer's
-    validation passes, dfm.distributed.derive_seed) is reduced to its low 32 bits, exactly what torch reads of it."""
-    if isinstance(seed, int) and not isinstance(seed, bool) and SEED_LIMIT <= seed < 2**64:
-        return seed % SEED_LIMIT
-    return check_seed(seed, f"seeds[{i}]")
-
-
 # ================================================================================================ pipeline
 
 
@@ -148,7 +143,7 @@ class Pipeline:
                 raise PipelineError(f"prompt {i} is empty; write what the video should show "
                                     f"(for an unconditional sample use guidance_scale=1 with a neutral prompt)")
         if seeds is not None:
-            seeds = [_list_seed(s, i) for i, s in enumerate(seeds)]
+            seeds = [check_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds)]
             if len(prompts) == 1 and len(seeds) > 1:
                 prompts = prompts * len(seeds)  # several videos of one prompt
             if len(seeds) != len(prompts):
@@ -194,20 +189,23 @@ class Pipeline:
         return shape
 
     def grid(self, steps: int, shift: float | None, grid: str | None = None) -> Grid:
-        """The sampling grid: `grid` (a name of dfm.diffusion.schedules.GRIDS), default the model's own, with the
-        model's parameters (flow: `shift`; EDM: its sigma range and rho) where the grid takes them."""
+        """The sampling grid: `grid` (a name of GRID_NAMES), default the model's own. Flow models pass `shift` (the
+        grids that take one use it); EDM models their sigma range and rho to the EDM grids (karras, exponential,
+        ...), while logsnr, the few-step grid, keeps its own range. For a flow model logsnr starts at s = 1."""
         d = self.diffusion
         if not isinstance(steps, int) or steps < 1:
             raise PipelineError(f"steps must be a positive integer, got {steps!r}")
         name = grid or d["grid"]
+        if name not in GRID_NAMES:
+            raise PipelineError(f"unknown sampling grid {name!r}; use one of {', '.join(GRID_NAMES)}")
         if name == "logsnr" and self.paradigm == "flow":
             name = "flow_logsnr"  # the same levels, from s = 1 (pure noise), as a flow model starts
         if self.paradigm == "edm":
             if shift is not None:
-                raise PipelineError("shift applies to flow-matching models; this one is EDM (Karras grid, "
-                                    f"sigma {d.get('sigma_max')} -> {d.get('sigma_min')}, rho {d.get('rho')})")
-            own = name == d.get("grid")  # the recipe's sigma range belongs to its own grid (logsnr has its own)
-            params = {k: d[k] for k in ("sigma_min", "sigma_max", "rho") if own and k in d}
+                raise PipelineError(f"shift applies to flow-matching models; this one is EDM ({name} grid, sigma "
+                                    f"{d.get('sigma_max')} -> {d.get('sigma_min')}, rho {d.get('rho')})")
+            own_range = name not in ("logsnr", "flow_logsnr")
+            params = {k: d[k] for k in ("sigma_min", "sigma_max", "rho") if own_range and k in d}
         else:
             shift = 1.0 if shift is None else float(shift)
             if not shift > 0:
@@ -272,6 +270,7 @@ class Pipeline:
                 "guidance_scale": guidance, "guidance_rescale": rescale, "guidance_interval": levels,
                 "interval_sigmas": self.guidance_interval(levels),
                 "shape": self.latent_shape(num_frames, height, width), "grid": self.grid(steps, shift, grid),
+                "grid_name": grid or self.diffusion["grid"],
                 "shift": shift if self.paradigm == "flow" else None}
 
     def check_settings(self, prompts, negative_prompt=None, **settings) -> None:
@@ -366,6 +365,6 @@ class Pipeline:
         settings = {"num_frames": s["num_frames"], "height": s["height"], "width": s["width"], "steps": s["steps"],
                     "sampler": s["sampler"].name, "guidance_scale": guidance,
                     "guidance_rescale": s["guidance_rescale"], "guidance_interval": s["guidance_interval"],
-                    "grid": grid or self.diffusion.get("grid"), "shift": s["shift"], "negative_prompt": negative}
+                    "grid": s["grid_name"], "shift": s["shift"], "negative_prompt": negative}
         return Generation(videos, prompts, seeds, nfe, time.perf_counter() - start, float(self.defaults["fps"]),
                           settings)

@@ -10,11 +10,11 @@ from typing import Literal, Optional
 import torch
 import yaml
 
-from dfm.config import ConfigError, config_yaml, upgrade
+from dfm.config import ConfigError, config_yaml, from_dict, upgrade
 from dfm.diffusion.samplers import SamplingError, resolve_sampler
-from dfm.diffusion.schedules import GRIDS
 from dfm.errors import UserError
 from dfm.model import ModelRecipe, backbone_config
+from dfm.pipeline.pipeline import GRID_NAMES
 
 
 @dataclass
@@ -121,15 +121,18 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError("train.precision=bf16 needs CUDA (bf16 matmuls are ~500x slower on these CPUs); "
                           "use train.precision=auto or fp32")
     s = cfg.sampling
-    if s.grid is not None and s.grid not in GRIDS:
-        raise ConfigError(f"unknown sampling.grid {s.grid!r}; use one of {', '.join(GRIDS)} (or null: the paradigm's)")
+    if s.grid is not None and s.grid not in GRID_NAMES:
+        raise ConfigError(f"unknown sampling.grid {s.grid!r}; use one of {', '.join(GRID_NAMES)} (or null: the "
+                          f"paradigm's)")
     try:
         resolve_sampler(s.sampler, cfg.diffusion.paradigm)
     except SamplingError as e:
         raise ConfigError(f"sampling.sampler: {e}") from None
-    interval = cfg.sampling.guidance_interval
-    if interval is not None and (len(interval) != 2 or not 0 <= interval[0] < interval[1]):
-        raise ConfigError(f"sampling.guidance_interval must be [lo, hi] with 0 <= lo < hi (EDM sigmas), got {interval}")
+    interval, flow = cfg.sampling.guidance_interval, cfg.diffusion.paradigm == "flow"
+    if interval is not None and (len(interval) != 2 or not 0 <= interval[0] < interval[1] <= (1 if flow else 1e30)):
+        unit = "flow times s: 0 <= lo < hi <= 1" if flow else "sigmas: 0 <= lo < hi"
+        raise ConfigError(f"sampling.guidance_interval must be [lo, hi] in the model's noise levels ({unit}), got "
+                          f"{interval}")
     backbone_config(cfg.model, 3, cfg.text.dim)  # the size name and overrides
 
 
@@ -150,8 +153,14 @@ def config_changes(saved: Path, cfg: TrainConfig, ignore: tuple[str, ...] = ()) 
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
         return out
 
-    # through YAML, so tuples and lists (and other spellings of one value) compare equal
-    before, after = flat(upgrade(TrainConfig, old)), flat(yaml.safe_load(config_yaml(cfg)))
+    # through YAML, so tuples and lists (and other spellings of one value) compare equal; the saved one resolved
+    # as this version reads it (old keys moved, new keys at their defaults), raw if it no longer resolves
+    before = upgrade(TrainConfig, old)
+    try:
+        before = yaml.safe_load(config_yaml(from_dict(TrainConfig, before)))
+    except ConfigError:
+        pass
+    before, after = flat(before), flat(yaml.safe_load(config_yaml(cfg)))
 
     def show(d, k):
         return repr(d[k]) if k in d else "(absent)"

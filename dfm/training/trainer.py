@@ -35,13 +35,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dfm import distributed as D
-from dfm.config import config_yaml
 from dfm.checkpoint import (CheckpointError, checkpoint_health, list_checkpoints, load_checkpoint,
                             load_newest_intact, resume_candidates, save_checkpoint)
+from dfm.config import ConfigError, config_yaml
 from dfm.errors import UserError, first_line
 from dfm.model import (DiffusionModule, build_autoencoder, build_backbone, build_text_encoder, sampling_defaults,
                        sampling_recipe, set_activation_checkpointing)
-from dfm.pipeline.pipeline import Pipeline
+from dfm.pipeline.pipeline import SEED_LIMIT, Pipeline, PipelineError, count_tokens
 from dfm.text import SmallTextEncoder, WordTokenizer, pad_context
 from dfm.training.config import TrainConfig, TrainingError, check_config, config_changes
 from dfm.training.data import (GlobalOrder, StepBatches, build_dataset, check_latent_dataset, check_stored_text,
@@ -120,6 +120,12 @@ def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
 def autocast(device: torch.device, precision: str):
     dtype = compute_dtype(device, precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def validation_seed(seed: int, index: int) -> int:
+    """The noise seed of validation prompt `index`: a hash of (train.seed, index), in the pipeline's seed range
+    [0, 2^32) (torch's CPU generator reads those bits of a seed, so the videos are those of the full hash)."""
+    return D.derive_seed(seed, index, 2) % SEED_LIMIT
 
 
 class ModuleText:
@@ -211,7 +217,10 @@ class Trainer:
         self.last_checkpoint = self.resume.path if self.resume else None
         self.pipeline = self.validation_pipeline()
         if t.validate_every:  # a prompt the text encoder cannot read, or a bad sampler: now, not at the first validation
-            self.pipeline.check_settings(self.val_prompts())
+            try:
+                self.pipeline.check_settings(self.val_prompts())
+            except PipelineError as e:
+                raise ConfigError(f"train.val_prompts / sampling: {e}") from None
         # every check has passed: only now is the run folder written (the old run moved aside, later steps too)
         self.run_id = self.resume.state.get("run") if self.resume else D.broadcast_object(uuid.uuid4().hex[:16])
         if self.info.is_main:
@@ -441,12 +450,22 @@ class Trainer:
     # ------------------------------------------------------------------------------------- validation
 
     def val_prompts(self) -> list[str]:
+        """train.val_prompts, else the captions of the first 4 training items, cut to the words the text encoder
+        reads (as training reads them); a given prompt that is too long is an error at start-up instead."""
         prompts = list(self.cfg.train.val_prompts)
         if prompts:
             return prompts
         if self.cfg.data.dataset == "folder":
-            return [c.caption for c in self.dataset.clips[:4]]
-        return [self.dataset[i]["caption"] for i in range(min(4, len(self.dataset)))]
+            captions = [c.caption for c in self.dataset.clips[:4]]
+        else:
+            captions = [self.dataset[i]["caption"] for i in range(min(4, len(self.dataset)))]
+        return [self._fit(c) for c in captions]
+
+    def _fit(self, caption: str) -> str:
+        text, cut = self.pipeline.text, caption.split()
+        while len(cut) > 1 and (count_tokens(text, " ".join(cut)) or 0) > text.max_length:
+            cut.pop()
+        return " ".join(cut)
 
     def validation_pipeline(self) -> Pipeline:
         """The model as a Pipeline, as `dfm export` would write it: the `sampling` section's grid, sampler and
@@ -464,7 +483,7 @@ class Trainer:
     def validation_videos(self, prompts: list[str], steps: int | None = None) -> torch.Tensor:
         """Videos [P, 3, F, H, W] in [-1, 1] for `prompts`, with fixed noise per prompt index (seeded by
         (train.seed, index), so every validation shows the same noise) — collective under FSDP2."""
-        seeds = [D.derive_seed(self.cfg.train.seed, i, 2) for i in range(len(prompts))]
+        seeds = [validation_seed(self.cfg.train.seed, i) for i in range(len(prompts))]
         return self.pipeline.generate(prompts, seeds=seeds, steps=steps, progress=False).videos
 
     def validate(self, step: int) -> None:
