@@ -491,3 +491,33 @@ def test_pickled_vae_weights_are_refused_by_name_never_unpickled(tmp_path):
     weights.rename(tmp_path / "vae" / "model.ckpt")
     with pytest.raises(VAEError, match="model.safetensors is missing; model.ckpt is pickled and dfm loads only"):
         load_vae(tmp_path / "vae")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_train_vae_saves_a_checkpoint_on_sigint_and_sigterm_and_resumes(tmp_path, monkeypatch, sig):
+    """The signal arrives during step 2: the step finishes, its checkpoint is written, no model is exported (the
+    run is not finished), and --resume continues to the end."""
+    import os
+    import signal
+
+    import dfm.training.vae_trainer as V
+    from dfm.checkpoint import list_checkpoints
+
+    calls, real = [], V.vae_loss
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), getattr(signal, sig))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(V, "vae_loss", loss)
+    out = tmp_path / "v"
+    cfg = load_config(VAETrainConfig, None, TINY + SMALL_RUN + [f"train.output_dir={out}", "train.max_steps=4"])
+    result = train_vae(cfg)
+    assert result["signal"] == getattr(signal, sig) and result["step"] == 2 and result["model"] is None
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000002"]
+    assert not (out / "model").exists()
+    resumed = train_vae(cfg, resume=str(out))
+    assert resumed["step"] == 4 and (out / "model" / "model.safetensors").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored

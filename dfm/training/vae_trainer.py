@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 import uuid
@@ -28,7 +29,8 @@ from dfm.training.config import TrainingError
 from dfm.training.data import GlobalOrder, StepBatches, collate_batch
 from dfm.training.logging import Logger
 from dfm.training.optim import lr_at
-from dfm.training.runs import RUN_ENTRIES, check_fresh, check_outside_models, move_aside, run_dir_of, supersede
+from dfm.training.runs import (RUN_ENTRIES, StopSignals, check_fresh, check_outside_models, move_aside, run_dir_of,
+                              supersede)
 from dfm.vae import (CausalVAE, CausalVAEConfig, VAEError, _read_json, _write_json, check_latent_shape,
                      fit_latent_stats, load_vae)
 
@@ -250,42 +252,50 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> dict:
     step, last, window, t0, began = start, {}, [], time.perf_counter(), time.perf_counter()
     last_ckpt = ckpt_path
     vae.train()
-    for batch in loader:
-        lr = lr_at(step, cfg.optim, t.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        video = batch["video"]  # [B, 3, F, H, W]
-        recon, mean, logvar = vae(video, generator=torch.Generator().manual_seed(derive_seed(t.seed, step, 1)))
-        terms = vae_loss(recon, video, mean, logvar, cfg.loss)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
-        loss = float(terms["loss"].detach())
-        if not math.isfinite(loss) or not math.isfinite(grad_norm):
-            raise TrainingError(f"loss {loss} / gradient norm {grad_norm} at step {step + 1}: "
-                                f"training stopped; lower optim.lr (now {cfg.optim.lr:g}) or loss.kl")
-        optimizer.step()
-        step += 1
-        window.append({k: float(v.detach()) for k, v in terms.items()})
-        if bar is not None:
-            bar.update(1)
-        out_of_time = t.max_minutes > 0 and time.perf_counter() - began > 60 * t.max_minutes
-        if step % t.log_every == 0 or step == t.max_steps or out_of_time:
-            rate = len(window) / max(time.perf_counter() - t0, 1e-9)
-            last = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-            last["psnr"] = float(10 * math.log10(4.0 / max(last["mse"], 1e-10)))  # of the batch mean MSE
-            log.metrics({"step": step, **last, "lr": lr, "grad_norm": grad_norm, "steps_per_s": rate,
-                         "samples_per_s": rate * t.batch_size, "time": time.time()})
+    stop = 0
+    with StopSignals(torch.device("cpu")) as signals:
+        for batch in loader:
+            lr = lr_at(step, cfg.optim, t.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            video = batch["video"]  # [B, 3, F, H, W]
+            recon, mean, logvar = vae(video, generator=torch.Generator().manual_seed(derive_seed(t.seed, step, 1)))
+            terms = vae_loss(recon, video, mean, logvar, cfg.loss)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+            loss = float(terms["loss"].detach())
+            if not math.isfinite(loss) or not math.isfinite(grad_norm):
+                raise TrainingError(f"loss {loss} / gradient norm {grad_norm} at step {step + 1}: "
+                                    f"training stopped; lower optim.lr (now {cfg.optim.lr:g}) or loss.kl")
+            optimizer.step()
+            step += 1
+            window.append({k: float(v.detach()) for k, v in terms.items()})
             if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}")
-            window, t0 = [], time.perf_counter()
-        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps or out_of_time:
-            last_ckpt = checkpoint(step)
-        if out_of_time:
-            log.notice(f"train.max_minutes={t.max_minutes:g} reached at step {step}; stopping")
-            break
+                bar.update(1)
+            out_of_time = t.max_minutes > 0 and time.perf_counter() - began > 60 * t.max_minutes
+            if step % t.log_every == 0 or step == t.max_steps or out_of_time:
+                rate = len(window) / max(time.perf_counter() - t0, 1e-9)
+                last = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                last["psnr"] = float(10 * math.log10(4.0 / max(last["mse"], 1e-10)))  # of the batch mean MSE
+                log.metrics({"step": step, **last, "lr": lr, "grad_norm": grad_norm, "steps_per_s": rate,
+                             "samples_per_s": rate * t.batch_size, "time": time.time()})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}")
+                window, t0 = [], time.perf_counter()
+            stop = signals.agreed()  # SIGINT / SIGTERM: this step's checkpoint, then stop (--resume continues)
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps or out_of_time or stop:
+                last_ckpt = checkpoint(step)
+            if stop:
+                log.notice(f"{signals.name(stop)}: saved a checkpoint at step {step}; stopping (--resume continues)")
+                break
+            if out_of_time:
+                log.notice(f"train.max_minutes={t.max_minutes:g} reached at step {step}; stopping")
+                break
     log.close()
+    if stop:
+        return {"step": step, "loss": last.get("loss"), "model": None, "checkpoint": str(last_ckpt), "signal": stop}
 
     vae.eval()
     if t.train_encoder:  # a frozen encoder keeps the statistics it came with
@@ -409,6 +419,10 @@ def cmd_train_vae(args) -> int:
         sys.stdout.write(config_yaml(cfg))
         return 0
     result = train_vae(cfg, resume=args.resume)
+    if result.get("signal"):
+        print(f"dfm train-vae: stopped by {signal.Signals(result['signal']).name} at step {result['step']}; "
+              f"checkpoint {result['checkpoint']} (--resume continues)", file=sys.stderr)
+        return 128 + result["signal"]
     print(f"dfm: done at step {result['step']}; model {result['model']}", file=sys.stderr)
     if "eval" in result:
         print(format_report(result["eval"], result["model"]))
