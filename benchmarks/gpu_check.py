@@ -17,8 +17,9 @@ with its error and the script goes on, then exits 1; the JSON's "ok" is False):
               its side (its `_keep_in_fp32_modules`, as `from_pretrained(torch_dtype=bf16)` does) and dfm's
               (`WanModel.cast`). Median time of a few CUDA-synchronised runs that alternate the two models, peak
               memory above the weights (torch.cuda.max_memory_allocated), TFLOP/s from the FLOP formula in
-              `wan_forward_flops`, MFU against the device's bf16 dense peak (`PEAK_TFLOPS`), and the outputs'
-              agreement. The 81-frame fwd+bwd runs with activation checkpointing in both models (without it the
+              `wan_forward_flops`, MFU against the device's bf16 dense peak (`PEAK_TFLOPS`), and the agreement of
+              the outputs (relative RMS; fp32 bound 1e-4, bf16 5%) and of all gradients (twice those bounds).
+              The bf16 bounds are first guesses, to be replaced by what the first GPU run measures. The 81-frame fwd+bwd runs with activation checkpointing in both models (without it the
               activations need ~150 GB); the short clip runs without.
   trainer     one optimiser step on the same 1.3B model as dfm's trainer runs it: fp32 weights under bf16
               autocast, activation checkpointing (dfm.model.set_activation_checkpointing), dfm's flow loss, grad
@@ -180,10 +181,13 @@ def markdown(data: dict) -> str:
             lines.append(f"| {r['clip']} | {r['latent']} | {r['impl']} | {r['mode']}{' (ckpt)' if r['checkpointing'] else ''} "
                          f"| {_fmt(r['ms'], '.1f')} | {_fmt(r['peak_mib'], '.1f')} | {_fmt(r['tflop_per_s'], '.3g')} "
                          f"| {_fmt(r['mfu'], '.1%')} |")
+        lines.append("")
         for clip, a in b.get("agreement", {}).items():
-            lines.append(f"\nagreement {clip}: max |dfm - diffusers| {a['max_abs_diff']:.3g} (max |diffusers| "
-                         f"{a['max_abs_ref']:.3g}, relative RMS {a['rel_rms']:.3g}, bound {a['bound']:g}): "
-                         f"{'ok' if a['ok'] else 'FAILED'}")
+            grads = ("" if "grad_rel" not in a else f"; gradients relative {a['grad_rel']:.3g} (bound "
+                     f"{2 * a['bound']:g}): {'ok' if a['grad_ok'] else 'FAILED'}")
+            lines.append(f"agreement {clip}: output max |dfm - diffusers| {a['max_abs_diff']:.3g} (max |diffusers| "
+                         f"{a['max_abs_ref']:.3g}), relative RMS {a['rel_rms']:.3g} (bound {a['bound']:g}): "
+                         f"{'ok' if a['ok'] else 'FAILED'}{grads}  ")
         lines.append("")
     tr = s.get("trainer")
     if tr:
@@ -271,6 +275,19 @@ def build_pair(cfg: WanConfig, device, dtype, seed: int = 0):
     return ref, ours
 
 
+def grad_rel(ref, ours) -> float:
+    """||g_dfm - g_diffusers|| / ||g_diffusers|| over all parameters (dfm's gradients in diffusers' layout)."""
+    from dfm.models.wan import to_diffusers_layout
+
+    want = {k: p.grad for k, p in ref.named_parameters()}
+    got = to_diffusers_layout({k: p.grad for k, p in ours.named_parameters()})
+    if want.keys() != got.keys() or any(v is None for v in (*want.values(), *got.values())):
+        raise RuntimeError("the two models' gradients do not line up (missing or extra parameters)")
+    num = sum(float((got[k].float() - want[k].float()).pow(2).sum()) for k in want)
+    den = sum(float(want[k].float().pow(2).sum()) for k in want)
+    return math.sqrt(num / den)
+
+
 def run_backbone(args, device, dtype, peak) -> dict:
     S = sizes(args.smoke)
     cfg = S["config"]
@@ -319,6 +336,15 @@ def run_backbone(args, device, dtype, peak) -> dict:
                 mem = {k: peak_bytes(r, device) for k, r in runs.items()}  # also the warm-up
                 zero(None)
                 wall, _ = time_alternating(runs, S["repeats"], device, zero)
+                if backward:  # the gradients of one more pass each, compared over all parameters
+                    zero(None)
+                    runs["diffusers"]()
+                    runs["dfm"]()
+                    agree["grad_rel"] = grad_rel(ref, ours)
+                    agree["grad_ok"] = bool(math.isfinite(agree["grad_rel"]) and agree["grad_rel"] <= 2 * bound)
+                    if not agree["grad_ok"]:
+                        failures.append(f"{clip}: dfm and diffusers gradients disagree (relative "
+                                        f"{agree['grad_rel']:.3g} > {2 * bound})")
             zero(None)
             n = fwd_flops * (3 if backward else 1)
             for impl in runs:
