@@ -84,8 +84,12 @@ MUTATIONS = [
              "np.random.default_rng([seed, i, 1]).random() >= dropout) for i, g in enumerate(samples)]",
              "conditioning dropout drawn per batch position, not per sample: world-size and resume dependent"),
     # VAE normalisation
-    Mutation("vae_latents_not_normalised", "dfm/vae.py", "        return (z - mean) / std\n",
-             "        return z - mean\n", "latents shifted but not scaled by the stored std"),
+    Mutation("vae_latents_not_normalised", "dfm/vae.py",
+             "    def normalize(self, z: torch.Tensor) -> torch.Tensor:\n        mean, std = self._stats(z)\n"
+             "        return (z - mean) / std\n",
+             "    def normalize(self, z: torch.Tensor) -> torch.Tensor:\n        mean, std = self._stats(z)\n"
+             "        return z - mean\n",
+             "our VAE's latents shifted but not scaled by the stored std (CausalVAE.normalize)"),
 ]
 
 
