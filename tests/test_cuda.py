@@ -17,12 +17,11 @@ import torch
 import yaml
 
 from dfm.models import WanConfig, WanModel
+from test_wan import TINY  # the same tiny random Wan as the CPU tests
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 CUDA = torch.device("cuda")
-TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-            text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2)
 
 
 @pytest.fixture(scope="module")
