@@ -66,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from models import flops as counted_flops  # noqa: E402  (benchmarks/models.py)
-from models import peak_bytes, sync, time_alternating  # noqa: E402
+from models import peak_bytes, sync, time_alternating, tiny_t5_tokenizer  # noqa: E402
 
 from dfm import distributed as D  # noqa: E402
 from dfm.diffusion.flow import flow_loss  # noqa: E402
@@ -428,7 +428,6 @@ PROMPT = "a cat and a dog bake a cake together in a kitchen"
 def build_wan_folder(root: Path, cfg: WanConfig, smoke: bool, device) -> Path:
     """A random diffusers Wan 2.1 folder (as tests/test_wan_pipeline.py builds it, the transformer at `cfg`)."""
     import diffusers
-    import sentencepiece as spm
     import transformers
 
     from dfm.pipeline import WAN_NEGATIVE_PROMPT
@@ -436,12 +435,7 @@ def build_wan_folder(root: Path, cfg: WanConfig, smoke: bool, device) -> Path:
     sentences = [PROMPT, "the digit 7 moves to the left", "a red car drives along a wet street at night",
                  WAN_NEGATIVE_PROMPT]
     torch.manual_seed(0)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences * 4), model_prefix=str(root / "sp"),
-                                   vocab_size=120, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   hard_vocab_limit=False, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=str(root / "sp.model"))
-    tok = transformers.T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
-                                   extra_ids=0)
+    tok = tiny_t5_tokenizer(root, sentences)
     # one layer, but UMT5's output width is the transformer's text_dim (4096 at 1.3B)
     text = transformers.UMT5EncoderModel(transformers.UMT5Config(
         vocab_size=len(tok), d_model=cfg.text_dim, d_kv=64, d_ff=256, num_layers=1, num_heads=4,

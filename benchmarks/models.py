@@ -129,6 +129,20 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+def tiny_t5_tokenizer(root: Path, sentences: list[str]):
+    """A small unigram sentencepiece model trained on `sentences` with T5's id layout (pad 0, eos 1, unk 2), as a
+    transformers T5Tokenizer: the stand-in for UMT5's tokenizer in the random Wan folders of the benchmarks."""
+    import sentencepiece as spm
+    import transformers
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences * 4), model_prefix=str(root / "sp"),
+                                   vocab_size=120, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(root / "sp.model"))
+    return transformers.T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
+                                    extra_ids=0)
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import time_alternating  # noqa: E402  (benchmarks/models.py)
+from models import time_alternating, tiny_t5_tokenizer  # noqa: E402  (benchmarks/models.py)
 
 from dfm.pipeline import WAN_NEGATIVE_PROMPT, load_pipeline  # noqa: E402
 
@@ -64,16 +64,10 @@ CONFIGS = {  # transformer, text encoder, VAE, video
 def build_folder(root: Path, c: dict) -> Path:
     """A random Wan 2.1 pipeline saved in diffusers' layout (the released folders' scheduler settings)."""
     import diffusers
-    import sentencepiece as spm
     import transformers
 
     torch.manual_seed(0)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 4), model_prefix=str(root / "sp"),
-                                   vocab_size=120, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   hard_vocab_limit=False, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=str(root / "sp.model"))
-    tok = transformers.T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
-                                   extra_ids=0)
+    tok = tiny_t5_tokenizer(root, SENTENCES)
     text = transformers.UMT5EncoderModel(transformers.UMT5Config(
         vocab_size=len(tok), d_model=c["text_dim"], d_kv=16, d_ff=2 * c["text_dim"], num_layers=c["text_layers"],
         num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
