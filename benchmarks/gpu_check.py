@@ -66,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from models import flops as counted_flops  # noqa: E402  (benchmarks/models.py)
-from models import peak_bytes, sync, time_alternating, tiny_t5_tokenizer  # noqa: E402
+from models import peak_bytes, sync, save_wan_folder, time_alternating, tiny_t5_tokenizer  # noqa: E402
 
 from dfm import distributed as D  # noqa: E402
 from dfm.diffusion.flow import flow_loss  # noqa: E402
@@ -449,12 +449,7 @@ def build_wan_folder(root: Path, cfg: WanConfig, smoke: bool, device) -> Path:
     vae = (diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                       temperal_downsample=[False, True, True]) if smoke
            else diffusers.AutoencoderKLWan()).eval()  # the defaults are Wan 2.1's VAE config
-    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                  flow_shift=3.0, num_train_timesteps=1000, solver_order=2)
-    folder = root / "wan"
-    diffusers.WanPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer,
-                          scheduler=scheduler).save_pretrained(folder)
-    return folder
+    return save_wan_folder(root, tok, text, vae, transformer)
 
 
 def run_pipeline(args, device, dtype, peak) -> dict:

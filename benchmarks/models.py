@@ -143,6 +143,19 @@ def tiny_t5_tokenizer(root: Path, sentences: list[str]):
                                     extra_ids=0)
 
 
+def save_wan_folder(root: Path, tok, text, vae, transformer) -> Path:
+    """root/wan: a diffusers WanPipeline folder of these parts with the released folders' scheduler (UniPC, flow
+    sigmas, shift 3, order 2)."""
+    import diffusers
+
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0, num_train_timesteps=1000, solver_order=2)
+    folder = root / "wan"
+    diffusers.WanPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer,
+                          scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

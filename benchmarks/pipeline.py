@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import time_alternating, tiny_t5_tokenizer  # noqa: E402  (benchmarks/models.py)
+from models import save_wan_folder, time_alternating, tiny_t5_tokenizer  # noqa: E402  (benchmarks/models.py)
 
 from dfm.pipeline import WAN_NEGATIVE_PROMPT, load_pipeline  # noqa: E402
 
@@ -76,12 +76,7 @@ def build_folder(root: Path, c: dict) -> Path:
         out_channels=16, text_dim=c["text_dim"], freq_dim=64, ffn_dim=c["ffn"], num_layers=c["layers"])
     vae = diffusers.AutoencoderKLWan(base_dim=c["vae_dim"], z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                      temperal_downsample=[False, True, True])
-    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                  flow_shift=3.0, num_train_timesteps=1000, solver_order=2)
-    folder = root / "wan"
-    diffusers.WanPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer,
-                          scheduler=scheduler).save_pretrained(folder)
-    return folder
+    return save_wan_folder(root, tok, text, vae, transformer)
 
 
 def main() -> None:
