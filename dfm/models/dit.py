@@ -265,6 +265,7 @@ class DiT(nn.Module):
         self._build_trunk(cfg)
         self.final = FinalLayer(cfg, out_channels * math.prod(cfg.patch_size), width)
         self.gradient_checkpointing = False
+        self.context_parallel = None  # dfm.models.context_parallel.enable_context_parallel: tokens split across ranks
         self.reset_parameters()
 
     def _build_trunk(self, cfg: DiTConfig):
@@ -329,8 +330,11 @@ class DiT(nn.Module):
             context = context.to(dtype)
             if self.pooled_proj is not None:
                 c = c + self.pooled_proj(masked_mean(context, context_mask)).float()
+        cp = self.context_parallel
+        h = h if cp is None else cp.shard(h)  # [B, L/N, D] this rank's tokens
         h = self._trunk(h, c, grid, context, context_mask)  # [B, L, D]
         out = self.final(h, c)  # [B, L, pt*ph*pw*C_out]
+        out = out if cp is None else cp.gather(out, math.prod(grid))  # [B, L, pt*ph*pw*C_out] every rank's tokens
         return unpatchify(out, cfg.patch_size, grid).to(x.dtype)  # [B, C_out, F, H, W]
 
     def _rope(self, grid, device):
@@ -454,14 +458,17 @@ class HourglassDiT(DiT):
         shared = [a(c).flatten(1) for a in self.adaln_shared] if self.adaln_shared is not None else [None] * n
         run = lambda blocks, h, i: run_blocks(blocks, h, c, grids[i], ropes[i], context, context_mask, shared[i],
                                               checkpointing=self.gradient_checkpointing)
+        cp = self.context_parallel  # merges and splits need whole grids: gather the tokens, shard the result
+        full = (lambda h, g: h) if cp is None else (lambda h, g: cp.gather(h, math.prod(g)))  # noqa: E731
+        part = (lambda h: h) if cp is None else cp.shard  # noqa: E731
         skips = []
         for i in range(n - 1):
             h = run(self.down[i], h, i)  # [B, L_i, W_i]
             skips.append(h)
-            h = self.merges[i](h, grids[i])  # [B, L_{i+1}, W_{i+1}]
+            h = part(self.merges[i](full(h, grids[i]), grids[i]))  # [B, L_{i+1}, W_{i+1}]
         h = run(self.mid, h, n - 1)  # [B, L_{n-1}, W_{n-1}]
         for i in reversed(range(n - 1)):
-            h = self.splits[i](h, grids[i + 1])  # [B, L_i, W_i]
+            h = part(self.splits[i](full(h, grids[i + 1]), grids[i + 1]))  # [B, L_i, W_i]
             h = self.skips[i](h, skips.pop())
             h = run(self.up[i], h, i)
         return h

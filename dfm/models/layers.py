@@ -154,6 +154,8 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention: one fused q/k/v projection, RMS qk-norm across all heads (Wan; Dehghani et
     al. 2023 "Scaling ViT to 22B" for qk-norm), optional RoPE, an attention pattern, an output projection."""
 
+    context_parallel = None  # a dfm.models.context_parallel.ContextParallel: x holds this rank's tokens, rope the full table
+
     def __init__(self, dim: int, heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
         if dim % heads:
@@ -169,6 +171,8 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x [B, L, D]
         q, k = self.norm_q(q).type_as(v), self.norm_k(k).type_as(v)  # fp32 norm, back to compute dtype
         q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in (q, k, v))  # [B, L, heads, head_dim]
+        if self.context_parallel is not None:  # this rank's tokens against the whole sequence
+            return self.out(self.context_parallel.attention(q, k, v, rope, pattern, grid, attn_mask, window).flatten(2))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = attention(q, k, v, pattern, grid, attn_mask, window)  # [B, L, heads, head_dim]

@@ -179,6 +179,7 @@ class WanModel(nn.Module):
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.modulation_out = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)  # fp32
         self.gradient_checkpointing = False
+        self.context_parallel = None  # dfm.models.context_parallel.enable_context_parallel: tokens split across ranks
         self.register_state_dict_post_hook(_state_dict_hook)
         self.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
 
@@ -198,9 +199,12 @@ class WanModel(nn.Module):
         t_mod = linear_fp32(F.silu(temb), self.time_proj.weight, self.time_proj.bias)  # [B, 6D]
         t_mod = t_mod.unflatten(1, (6, cfg.dim))  # [B, 6, D]
         ctx = self.text_embedder(context.to(dtype))  # [B, Lc, D]
+        cp = self.context_parallel
+        h = h if cp is None else cp.shard(h)  # [B, L/N, D] this rank's tokens (rope stays the full table)
         h = run_blocks(self.blocks, h, ctx, t_mod, rope, context_mask, checkpointing=self.gradient_checkpointing)
         shift, scale = (self.modulation_out.float() + temb[:, None, :]).chunk(2, dim=1)  # 2 x [B, 1, D], fp32
         out = self.proj_out(modulate(self.norm_out(h), shift, scale).to(dtype))  # [B, L, pt*ph*pw*C]
+        out = out if cp is None else cp.gather(out, rope.shape[0])  # [B, L, pt*ph*pw*C] every rank's tokens
         return unpatchify(out, cfg.patch_size, grid).to(x.dtype)  # [B, C, F, H, W]
 
     # -------------------------------------------------------------------------------------------- helpers

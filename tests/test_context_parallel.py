@@ -1,0 +1,57 @@
+"""Context parallelism on 2 gloo processes (tests/context_parallel_worker.py under torchrun): for WAN, DiT (flat:
+full / factorized / causal attention, RoPE and sin-cos) and the hourglass DiT, with Ulysses and ring attention, token
+counts divisible by the degree and not (padding), the sharded forward's output and the ranks' mean parameter (and
+input) gradients equal the one-process ones to 1e-5 of their largest value; the impossible choices are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cp") / "results.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "context_parallel_worker.py"), str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+CASES = ["wan_ulysses_even", "wan_ring_even", "wan_ulysses_odd", "wan_ring_odd", "wan_auto_odd_checkpointing",
+         "wan_ring_one_token_per_rank", "dit_ulysses_odd", "dit_ring_even", "dit_ring_odd_sincos",
+         "dit_ulysses_factorized_odd", "dit_ulysses_causal_odd", "hourglass_ulysses", "hourglass_ulysses_odd"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_forward_and_gradients_equal_one_process(results, case):
+    r = results[case]
+    assert r["params"] > 50 and r["out_scale"] > 1 and r["grad_scale"] > 1  # every parameter got a gradient
+    assert r["out"] <= 1e-5 * r["out_scale"], r
+    assert r["grad"] <= 1e-5 * r["grad_scale"], r
+
+
+@pytest.mark.parametrize("case, words", [("degree", ["does not divide the world size 2"]),
+                                         ("ulysses_heads", ["divide the 3 attention heads", "ring"]),
+                                         ("ring_pattern", ["full attention only", "'spatial'"])])
+def test_impossible_choices_are_one_line(results, case, words):
+    msg = results["errors"][case]
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_without_a_process_group_is_one_line():
+    from dfm.models.context_parallel import ContextParallel, ContextParallelError, context_parallel_group
+
+    for make in (lambda: ContextParallel(), lambda: context_parallel_group(2)):
+        with pytest.raises(ContextParallelError, match="torchrun") as e:
+            make()
+        assert "\n" not in str(e.value)
