@@ -220,17 +220,22 @@ class _RingAttention(torch.autograd.Function):
 
 
 def enable_context_parallel(model, cp: ContextParallel | None):
-    """Turn context parallelism on (a ContextParallel) or off (None) for a WanModel or a DiT, in place.
+    """Turn context parallelism on (a ContextParallel) or off (None), in place, for every WanModel / DiT in
+    `model` (which may wrap one: a DiffusionModule, the pipeline's integer-timestep wrapper).
 
     Every self-attention layer gets `cp`; the mode each will use is checked now against its heads and pattern, so
     an impossible choice is one error before any work."""
-    for module in model.modules():
-        for child in module.children():
-            if isinstance(child, SelfAttention):
-                if cp is not None:
+    if cp is not None:
+        for module in model.modules():
+            for child in module.children():
+                if isinstance(child, SelfAttention):
                     cp.mode_for(child.heads, getattr(module, "pattern", "full"))
-                child.context_parallel = cp
-    model.context_parallel = cp
+    found = [m for m in model.modules() if isinstance(m, SelfAttention) or "context_parallel" in vars(m)]
+    if not any("context_parallel" in vars(m) for m in found):
+        raise ContextParallelError(f"{type(model).__name__} has no WanModel or DiT inside: context parallelism "
+                                   "shards those backbones only")
+    for m in found:
+        m.context_parallel = cp
     return model
 
 

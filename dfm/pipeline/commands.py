@@ -83,7 +83,8 @@ def cmd_generate(args) -> int:
     model = Path(args.model)
     if args.model == DEFAULT_MODEL and not model.exists():  # the shipped model, from outside the repository
         model = Path(__file__).resolve().parents[2] / DEFAULT_MODEL
-    pipe = load_pipeline(model, device=device, dtype=dtype)
+    pipe = load_pipeline(model, device=device, dtype=dtype, context_parallel=args.context_parallel,
+                         context_parallel_mode=args.context_parallel_mode)
     if not args.threads and device == "cpu":  # a small generation: one thread (threads only add waiting)
         settings = pipe.settings(args.frames, args.height, args.width, args.steps, args.sampler, args.guidance,
                                  args.guidance_rescale, args.guidance_interval, args.grid, args.shift)
@@ -94,6 +95,13 @@ def cmd_generate(args) -> int:
                         shift=args.shift, seed=args.seed, progress=not args.no_progress,
                         guidance_rescale=args.guidance_rescale, guidance_interval=args.guidance_interval,
                         grid=args.grid)
+    if args.context_parallel != 1:  # every rank made the same videos: rank 0 writes them
+        from dfm.pipeline.context_parallel import is_writer, leave_launch
+
+        writer = is_writer()
+        leave_launch()
+        if not writer:
+            return 0
     path = Path(args.out) if args.out else Path("outputs") / f"{_slug(out.prompts[0])}_s{out.seeds[0]}.mp4"
     if path.suffix.lower() not in (".mp4", ".gif"):
         raise PipelineError(f"--out {path}: use a .mp4 or .gif file name")
@@ -195,6 +203,10 @@ def add_commands(sub) -> None:
     p.add_argument("--scale", type=int, default=0, help="write the video and contact sheet N times larger "
                    "(nearest neighbour, for viewing; default 0 = auto: small videos up to at least 128 px)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N", help="under torchrun: split the "
+                   "transformer's tokens over N ranks (Ulysses or ring attention); rank 0 writes")
+    p.add_argument("--context-parallel-mode", default="auto", choices=["auto", "ulysses", "ring"],
+                   help="how self-attention sees every rank's tokens (auto: Ulysses when N divides the heads)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="describe a model folder or a trainer checkpoint",

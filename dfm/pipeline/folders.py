@@ -131,9 +131,16 @@ def _need_dir(path: Path, what: str) -> None:
         raise PipelineError(f"{path} is missing; {what}")
 
 
-def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> Pipeline:
+def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32, context_parallel: int = 1,
+                  context_parallel_mode: str = "auto") -> Pipeline:
     """A dfm model folder, a diffusers Wan 2.1 text-to-video folder, or a trainer checkpoint (step_* folder, its
-    checkpoints/ folder or the run directory: EMA weights, defaults from the training config)."""
+    checkpoints/ folder or the run directory: EMA weights, defaults from the training config). context_parallel=N
+    (under torchrun): the transformer's tokens split over N ranks (dfm.pipeline.context_parallel)."""
+    if context_parallel != 1:
+        from dfm.pipeline.context_parallel import join_launch, shard_pipeline
+
+        device, group = join_launch(context_parallel, device)
+        return shard_pipeline(load_pipeline(path, device, dtype), group, context_parallel_mode)
     path = Path(path)
     if not path.exists():
         hint = (" (the shipped model: train configs/wan_flow_digits.yaml, then `dfm export`)"
