@@ -62,6 +62,7 @@ class ContextParallel:
         self.degree = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.ranks = dist.get_process_group_ranks(self.group)  # global ranks, for P2P
+        self.calls = {"ulysses": 0, "ring": 0}  # self-attention forwards of each kind (what ran, for the record)
 
     def __repr__(self) -> str:
         return f"ContextParallel(degree={self.degree}, rank={self.rank}, mode={self.mode!r})"
@@ -112,7 +113,9 @@ class ContextParallel:
         if rope is not None:
             rope = self.shard(rope, dim=0)  # [c, d/2] this rank's rotations (padding rows: 0, unused)
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.mode_for(q.shape[2], pattern) == "ring":
+        mode = self.mode_for(q.shape[2], pattern)
+        self.calls[mode] += 1
+        if mode == "ring":
             return _RingAttention.apply(q, k, v, self, length)
         q, k, v = (self._seq_to_heads(t).narrow(1, 0, length) for t in (q, k, v))  # [B, L, H/N, d]
         out = attention(q, k, v, pattern, grid, None, window)  # [B, L, H/N, d]

@@ -70,6 +70,8 @@ class RunConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes
+    context_parallel: int = 1  # ranks that share each sample's tokens (data parallel over world / this many)
+    context_parallel_mode: Literal["auto", "ulysses", "ring"] = "auto"  # auto: Ulysses when it divides the heads
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # CPU threads per process; 0: torch's default (on a busy machine 1 is often fastest)
     progress: bool = True  # the progress bar (rank 0)
@@ -106,9 +108,14 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
                        ("train.max_minutes", t.max_minutes)]:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
-    if t.batch_size % (world_size * t.grad_accum):
-        raise ConfigError(f"train.batch_size={t.batch_size} (global) must be divisible by world size x grad_accum = "
-                          f"{world_size} x {t.grad_accum}; change train.batch_size or train.grad_accum")
+    cp = t.context_parallel
+    if cp < 1 or world_size % cp:
+        raise ConfigError(f"train.context_parallel={cp} does not divide the world size {world_size}: launch a "
+                          f"multiple of {max(cp, 1)} processes (torchrun --nproc_per_node {max(cp, 1)}) or change it")
+    if t.batch_size % (world_size // cp * t.grad_accum):
+        size = "world size" if cp == 1 else "data-parallel size (world / train.context_parallel)"
+        raise ConfigError(f"train.batch_size={t.batch_size} (global) must be divisible by {size} x grad_accum = "
+                          f"{world_size // cp} x {t.grad_accum}; change train.batch_size or train.grad_accum")
     if not 0 <= cfg.text.dropout < 1:
         raise ConfigError(f"text.dropout must be in [0, 1), got {cfg.text.dropout}")
     if not 0 <= o.ema_decay < 1:

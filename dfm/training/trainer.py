@@ -50,6 +50,7 @@ from dfm.training.logging import Logger
 from dfm.training.optim import EMA, build_optimizer, lr_at
 from dfm.training.runs import StopSignals, check_fresh, check_outside_models, move_aside, run_dir_of, supersede
 from dfm.io import write_text_atomic
+from dfm.models.context_parallel import ContextParallel, context_parallel_group, enable_context_parallel
 from dfm.video import write_contact_sheet, write_video
 
 
@@ -154,6 +155,10 @@ class Trainer:
         self.info = info if info is not None else D.init_distributed(cfg.train.device)
         check_config(cfg, self.info.world_size)
         t = cfg.train
+        # context parallelism: ranks [k*N, (k+1)*N) share each sample's tokens; data parallel over the k groups
+        self.cp = ContextParallel(context_parallel_group(t.context_parallel)[1], t.context_parallel_mode) \
+            if t.context_parallel > 1 else None
+        self.dp_rank, self.dp_size = self.info.rank // t.context_parallel, self.info.world_size // t.context_parallel
         check_outside_models(t.output_dir, "train.output_dir")
         self.resume, self._held = self._open_run(resume)
         if self.resume:
@@ -189,6 +194,8 @@ class Trainer:
                                       f"({self.resume.path / 'config.yaml'})") from None
         if t.activation_checkpointing:
             set_activation_checkpointing(net)
+        if self.cp is not None:
+            enable_context_parallel(net, self.cp)
         module.to(self.info.device)
         blocks = [*getattr(net, "blocks", []), *([text] if self.frozen_text is None else [])] \
             if t.parallel == "fsdp" else []
@@ -266,8 +273,7 @@ class Trainer:
 
     def loader(self) -> DataLoader:
         t = self.cfg.train
-        sampler = StepBatches(self.start_step, t.max_steps, t.batch_size, t.grad_accum, self.info.rank,
-                              self.info.world_size)
+        sampler = StepBatches(self.start_step, t.max_steps, t.batch_size, t.grad_accum, self.dp_rank, self.dp_size)
         return DataLoader(GlobalOrder(self.dataset, t.seed, self.cfg.data.shuffle, t.batch_size), batch_sampler=sampler,
                           collate_fn=collate_batch, num_workers=self.cfg.data.num_workers,
                           pin_memory=self.info.device.type == "cuda")
@@ -301,7 +307,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        scale = self.info.world_size / cfg.train.batch_size  # DDP / FSDP average over ranks: sum/B overall
+        # DDP / FSDP average over all ranks: sum/B overall (a CP rank's gradient is N times its share: see
+        # dfm.models.context_parallel, so the mean over its N ranks is the sample's gradient)
+        scale = self.dp_size / cfg.train.batch_size
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for a, batch in enumerate(micro_batches):
             if "latents" in batch:  # encoded once by `dfm preprocess`
@@ -316,7 +324,7 @@ class Trainer:
                     per_sample = self.model("loss", x0, ids, mask, keep, gens)  # [b]
                 (per_sample.float().sum() * scale).backward()
             loss_sum += per_sample.detach().double().sum()
-        loss = float(D.all_reduce_sum(loss_sum)) / cfg.train.batch_size
+        loss = float(D.all_reduce_sum(loss_sum)) / cfg.train.batch_size / cfg.train.context_parallel  # each sample N times
         if not math.isfinite(loss):
             self.stop(f"loss is {loss} at step {step + 1}")
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -422,6 +430,8 @@ class Trainer:
                      "world_size": self.info.world_size, "seed": t.seed, "lr": lr,
                      "lr_schedule": self.cfg.optim.schedule, "ema_updates": step, "run": self.run_id,
                      "loss": health["loss"], "health": health}
+            if self.cp is not None:  # what ran: the degree and the self-attention forwards of each kind so far
+                state["context_parallel"] = {"degree": self.cp.degree, "attention_calls": dict(self.cp.calls)}
             path = save_checkpoint(self.out / "checkpoints", step, model_sd, ema=ema_sd, optimizer=opt_sd,
                                    state=state, extra_files=extra, keep=t.keep_checkpoints)
             if not health["good"]:
@@ -490,7 +500,7 @@ class Trainer:
         t = self.cfg.train
         prompts = self.val_prompts()
         # FSDP2 needs every rank in each forward; with replicated weights rank 0 samples alone
-        if t.parallel == "fsdp" or self.info.is_main:
+        if t.parallel == "fsdp" or self.info.is_main or self.cp is not None:  # (a CP forward needs its group too)
             self.model.eval()
             with self.ema.swapped():
                 videos = self.validation_videos(prompts)
