@@ -12,7 +12,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dfm.models.context_parallel import ContextParallel, ContextParallelError, context_parallel_group, enable_context_parallel
+from dfm.models.context_parallel import (ContextParallel, ContextParallelError, context_parallel_group,
+                                         enable_context_parallel)
 from dfm.models import DIT_CONFIGS, WAN_CONFIGS, DiT, WanModel
 from dfm.models.dit import config as dit_config
 

@@ -73,3 +73,14 @@ def test_a_degree_that_does_not_divide_the_world_is_one_line(launched, tmp_path)
     with pytest.raises(ConfigError, match="context_parallel=2 does not divide the world size 1") as e:
         train(load_config(TrainConfig, launched["wan"], [f"train.output_dir={tmp_path / 'x'}", *CP2]))
     assert "\n" not in str(e.value)
+
+
+def test_dp2_x_cp2_on_four_processes_equals_one_process(tmp_path):
+    """4 gloo processes, a DP 2 x CP 2 mesh (CP groups {0, 1} and {2, 3}; DDP over all four): WAN, ring attention
+    (forced: 2 heads), 75 tokens, against one process on the same global batch of 4."""
+    wan = write_config(tmp_path / "wan.yaml")
+    torchrun([["train", "--config", str(wan), f"train.output_dir={tmp_path / 'dpcp'}", *WAN_ODD, *CP2,
+               "train.context_parallel_mode=ring", "train.max_steps=2"]], tmp_path, nproc=4)
+    one_process(wan, tmp_path / "one", *WAN_ODD, "train.max_steps=2")
+    assert attention_calls(tmp_path / "dpcp")["ring"] >= 2 * 2
+    assert_same_run(tmp_path / "dpcp", tmp_path / "one")

@@ -1,6 +1,6 @@
 """Context parallelism: one video's tokens across the ranks of a process group (sequence parallelism).
 
-    cp = ContextParallel(group, mode="auto")      # "ulysses" | "ring" | "auto" (Ulysses when the degree divides the heads)
+    cp = ContextParallel(group, mode="auto")      # ulysses | ring | auto (Ulysses when the degree divides the heads)
     enable_context_parallel(model, cp)            # a WanModel or a DiT (flat or hourglass); None turns it off again
     v = model(x, t, context)                      # same call, same full-size output on every rank of the group
 
@@ -95,7 +95,8 @@ class ContextParallel:
         mode = self.mode if self.mode != "auto" else ("ulysses" if divides else "ring")
         if mode == "ulysses" and not divides:
             raise ContextParallelError(f"Ulysses context parallelism needs the degree {self.degree} to divide the "
-                                       f"{heads} attention heads; use mode ring (or auto), or a degree that divides {heads}")
+                                       f"{heads} attention heads; use mode ring (or auto), or a degree that divides "
+                                       f"{heads}")
         if mode == "ring" and pattern != "full":
             why = "" if self.mode == "ring" else f" (the degree {self.degree} does not divide the {heads} heads)"
             raise ContextParallelError(f"ring attention computes full attention only, this layer uses {pattern!r}"

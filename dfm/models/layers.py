@@ -154,7 +154,7 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention: one fused q/k/v projection, RMS qk-norm across all heads (Wan; Dehghani et
     al. 2023 "Scaling ViT to 22B" for qk-norm), optional RoPE, an attention pattern, an output projection."""
 
-    context_parallel = None  # a dfm.models.context_parallel.ContextParallel: x holds this rank's tokens, rope the full table
+    context_parallel = None  # a dfm.models.context_parallel.ContextParallel: x holds this rank's tokens only
 
     def __init__(self, dim: int, heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()

@@ -324,7 +324,7 @@ class Trainer:
                     per_sample = self.model("loss", x0, ids, mask, keep, gens)  # [b]
                 (per_sample.float().sum() * scale).backward()
             loss_sum += per_sample.detach().double().sum()
-        loss = float(D.all_reduce_sum(loss_sum)) / cfg.train.batch_size / cfg.train.context_parallel  # each sample N times
+        loss = float(D.all_reduce_sum(loss_sum)) / cfg.train.batch_size / cfg.train.context_parallel  # N ranks a sample
         if not math.isfinite(loss):
             self.stop(f"loss is {loss} at step {step + 1}")
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
