@@ -1,7 +1,8 @@
 """Context parallelism on 2 gloo processes (tests/context_parallel_worker.py under torchrun): for WAN, DiT (flat:
 full / factorized / causal attention, RoPE and sin-cos) and the hourglass DiT, with Ulysses and ring attention, token
-counts divisible by the degree and not (padding), the sharded forward's output and the ranks' mean parameter (and
-input) gradients equal the one-process ones to 1e-5 of their largest value; the impossible choices are one line."""
+counts divisible by the degree and not (padding), and for ring attention on 4 processes too, the sharded forward's
+output and the ranks' mean parameter (and input) gradients equal the one-process ones to 1e-5 of their largest
+value; the impossible choices are one line."""
 
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cp") / "results.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "context_parallel_worker.py"), str(out)]
+def launch(out: Path, nproc: int, *names: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "tests" / "context_parallel_worker.py"), str(out), *([",".join(names)] if names else [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("cp") / "results.json", 2)
 
 
 CASES = ["wan_ulysses_even", "wan_ring_even", "wan_ulysses_odd", "wan_ring_odd", "wan_auto_odd_checkpointing",
@@ -38,6 +42,17 @@ def test_sharded_forward_and_gradients_equal_one_process(results, case):
     assert r["params"] > 50 and r["out_scale"] > 1 and r["grad_scale"] > 1  # every parameter got a gradient
     assert r["out"] <= 1e-5 * r["out_scale"], r
     assert r["grad"] <= 1e-5 * r["grad_scale"], r
+
+
+def test_ring_of_four_equals_one_process(tmp_path):
+    """4 ranks: K/V chunks take 3 hops and dK/dV 4 back to their owner; 9 tokens leave rank 3 padding only, and
+    one token leaves 3 ranks with padding only."""
+    cases = ["wan_ring_even", "wan_ring_odd", "dit_ring_odd_sincos", "wan_ring_one_token_per_rank"]
+    results = launch(tmp_path / "results.json", 4, *cases)
+    for case in cases:
+        r = results[case]
+        assert r["out"] <= 1e-5 * r["out_scale"] and r["grad"] <= 1e-5 * r["grad_scale"], (case, r)
+    assert "does not divide the world size 4" in results["errors"]["degree"]
 
 
 @pytest.mark.parametrize("case, words", [("degree", ["does not divide the world size 2"]),

@@ -142,16 +142,26 @@ class ContextParallel:
 
     # --------------------------------------------------------------------------------------- ring P2P
 
-    def ring_shift(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Send each tensor to the next rank of the ring and receive the previous rank's (one batched P2P)."""
+    def ring_start(self, *tensors: torch.Tensor):
+        """Start sending each tensor to the next rank of the ring and receiving the previous rank's (one batched
+        P2P); `ring_wait` of the result gives the received tensors. Compute may run in between (the overlap)."""
         nxt, prv = self.ranks[(self.rank + 1) % self.degree], self.ranks[(self.rank - 1) % self.degree]
         received = [torch.empty_like(t) for t in tensors]
         ops = [op for t, r in zip(tensors, received)
                for op in (dist.P2POp(dist.isend, t.contiguous(), nxt, self.group),
                           dist.P2POp(dist.irecv, r, prv, self.group))]
-        for work in dist.batch_isend_irecv(ops):
+        return received, dist.batch_isend_irecv(ops)
+
+    @staticmethod
+    def ring_wait(pending) -> list[torch.Tensor]:
+        received, works = pending
+        for work in works:
             work.wait()
         return received
+
+    def ring_shift(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """`ring_start` and wait: each tensor to the next rank, the previous rank's back."""
+        return self.ring_wait(self.ring_start(*tensors))
 
     def key_mask(self, source: int, c: int, length: int, device) -> torch.Tensor | None:
         """[c] bool, True for the real tokens of rank `source`'s chunk; None when all are real."""
@@ -183,14 +193,15 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([kf, vf])  # [2, B, H, c, d]: travels the ring
         for i in range(N):
             source = (r - i) % N  # the rank whose keys kv holds now
+            pending = cp.ring_start(kv) if i < N - 1 else None  # the next chunk travels while this one is used
             if source * c < length:  # a chunk of padding only is skipped
                 s, lse_j = _block(qf, kv[0], kv[1], scale, cp.key_mask(source, c, length, q.device))
                 out_j = torch.matmul(torch.exp(s - lse_j[..., None]), kv[1])  # [B, H, c, d] normalised in the block
                 lse_new = torch.logaddexp(lse, lse_j)  # online softmax merge
                 out = out * torch.exp(lse - lse_new)[..., None] + out_j * torch.exp(lse_j - lse_new)[..., None]
                 lse = lse_new
-            if i < N - 1:
-                (kv,) = cp.ring_shift(kv)
+            if pending is not None:
+                (kv,) = cp.ring_wait(pending)
         ctx.cp, ctx.length = cp, length
         ctx.save_for_backward(q, k, v, out, lse)
         return out.transpose(1, 2).to(q.dtype)  # [B, c, H, d]
@@ -208,6 +219,7 @@ class _RingAttention(torch.autograd.Function):
         kv, dkv = torch.stack([kf, vf]), torch.zeros(2, *kf.shape, device=q.device)  # dkv travels with its chunk
         for i in range(N):
             source = (r - i) % N
+            pending = cp.ring_start(kv) if i < N - 1 else None  # K/V move on while this block computes
             if source * c < length:
                 s, _ = _block(qf, kv[0], kv[1], scale, cp.key_mask(source, c, length, q.device))
                 p = torch.exp(s - lse[..., None])  # [B, H, c, c] the final softmax's probabilities
@@ -215,7 +227,9 @@ class _RingAttention(torch.autograd.Function):
                 dq = dq + torch.matmul(ds, kv[0]) * scale
                 dkv = dkv + torch.stack([torch.matmul(ds.transpose(-1, -2), qf) * scale,
                                          torch.matmul(p.transpose(-1, -2), do)])
-            kv, dkv = cp.ring_shift(kv, dkv) if i < N - 1 else (kv, *cp.ring_shift(dkv))  # dK/dV end at the owner
+            (dkv,) = cp.ring_shift(dkv)  # with its chunk; after N hops dK/dV are back at their owner
+            if pending is not None:
+                (kv,) = cp.ring_wait(pending)
         back = lambda t, like: t.transpose(1, 2).to(like.dtype)  # noqa: E731  [B, c, H, d]
         return back(dq, q), back(dkv[0], k), back(dkv[1], v), None, None
 
