@@ -70,3 +70,27 @@ def test_without_a_process_group_is_one_line():
         with pytest.raises(ContextParallelError, match="torchrun") as e:
             make()
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_ring_blocks_equal_autograd_attention(fused):
+    """One ring block, torch's fused CPU kernels (used on the CPU) and the plain matmuls (used elsewhere), against
+    autograd through softmax attention; the backward takes the final output and lse, here those of the one block."""
+    import torch
+
+    from dfm.models.context_parallel import _block_backward, _block_forward
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g, requires_grad=True) for _ in range(3))  # [B, H, c, d]
+    mask = torch.tensor([True, True, True, False, False])
+    s = (q @ k.transpose(-1, -2) * 8**-0.5).masked_fill(~mask, float("-inf"))
+    ref = torch.softmax(s, -1) @ v
+    do = torch.randn(ref.shape, generator=g)
+    ref.backward(do)
+    with torch.no_grad():
+        out, lse = _block_forward(q, k, v, 8**-0.5, mask, fused=fused)
+        grads = _block_backward(do, q, k, v, out, lse, 8**-0.5, mask, fused=fused)
+    torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1).detach(), rtol=0, atol=1e-6)
+    for got, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(got, t.grad, rtol=0, atol=1e-5)

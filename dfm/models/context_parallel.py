@@ -179,6 +179,38 @@ def _block(q, k, v, scale, mask):
     return s, torch.logsumexp(s, dim=-1)
 
 
+def _bias(q, mask):
+    """The additive key mask [B, 1, c, c] of torch's fused CPU kernels (0 or -inf), or None."""
+    if mask is None:
+        return None
+    zero = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+    return zero.masked_fill(~mask, float("-inf")).expand(q.shape[0], 1, q.shape[2], -1).contiguous()
+
+
+def _block_forward(q, k, v, scale, mask, fused=None):
+    """softmax(q k^T * scale) v of one block and its log-sum-exp: ([B, H, c, d], [B, H, c]), fp32. On the CPU
+    torch's fused flash-attention kernel (it returns the lse), elsewhere (or fused=False) plain matmuls."""
+    if q.device.type == "cpu" if fused is None else fused:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False,
+                                                                               attn_mask=_bias(q, mask), scale=scale)
+        return out, lse
+    s, lse = _block(q, k, v, scale, mask)
+    return torch.matmul(torch.exp(s - lse[..., None]), v), lse
+
+
+def _block_backward(do, q, k, v, out, lse, scale, mask, fused=None):
+    """(dq, dk, dv) of one block given the FINAL output and lse of the merged softmax (the FlashAttention backward:
+    P = exp(S - lse), dS = P (dP - rowsum(dO O))), fp32; fused on the CPU, plain matmuls elsewhere (or fused=False)."""
+    if q.device.type == "cpu" if fused is None else fused:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, out, lse, 0.0, False, attn_mask=_bias(q, mask), scale=scale)[:3]
+    s, _ = _block(q, k, v, scale, mask)
+    p = torch.exp(s - lse[..., None])  # [B, H, c, c] the final softmax's probabilities
+    ds = p * (torch.matmul(do, v.transpose(-1, -2)) - (do * out).sum(-1, keepdim=True))  # [B, H, c, c]
+    dq, dk = torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-1, -2), q) * scale
+    return dq, dk, torch.matmul(p.transpose(-1, -2), do)
+
+
 class _RingAttention(torch.autograd.Function):
     """Ring attention with a recomputing backward: saves q, k, v, out and lse of this rank only."""
 
@@ -195,8 +227,7 @@ class _RingAttention(torch.autograd.Function):
             source = (r - i) % N  # the rank whose keys kv holds now
             pending = cp.ring_start(kv) if i < N - 1 else None  # the next chunk travels while this one is used
             if source * c < length:  # a chunk of padding only is skipped
-                s, lse_j = _block(qf, kv[0], kv[1], scale, cp.key_mask(source, c, length, q.device))
-                out_j = torch.matmul(torch.exp(s - lse_j[..., None]), kv[1])  # [B, H, c, d] normalised in the block
+                out_j, lse_j = _block_forward(qf, kv[0], kv[1], scale, cp.key_mask(source, c, length, q.device))
                 lse_new = torch.logaddexp(lse, lse_j)  # online softmax merge
                 out = out * torch.exp(lse - lse_new)[..., None] + out_j * torch.exp(lse_j - lse_new)[..., None]
                 lse = lse_new
@@ -214,19 +245,16 @@ class _RingAttention(torch.autograd.Function):
         scale = q.shape[-1] ** -0.5
         qf, kf, vf = (t.transpose(1, 2).float() for t in (q, k, v))  # [B, H, c, d]
         do = dout.transpose(1, 2).float()  # [B, H, c, d]
-        delta = (do * out).sum(-1, keepdim=True)  # [B, H, c, 1] = rowsum(dO * O)
         dq = torch.zeros_like(qf)
         kv, dkv = torch.stack([kf, vf]), torch.zeros(2, *kf.shape, device=q.device)  # dkv travels with its chunk
         for i in range(N):
             source = (r - i) % N
             pending = cp.ring_start(kv) if i < N - 1 else None  # K/V move on while this block computes
             if source * c < length:
-                s, _ = _block(qf, kv[0], kv[1], scale, cp.key_mask(source, c, length, q.device))
-                p = torch.exp(s - lse[..., None])  # [B, H, c, c] the final softmax's probabilities
-                ds = p * (torch.matmul(do, kv[1].transpose(-1, -2)) - delta)  # dS = P (dP - rowsum(dO O))
-                dq = dq + torch.matmul(ds, kv[0]) * scale
-                dkv = dkv + torch.stack([torch.matmul(ds.transpose(-1, -2), qf) * scale,
-                                         torch.matmul(p.transpose(-1, -2), do)])
+                dq_j, dk_j, dv_j = _block_backward(do, qf, kv[0], kv[1], out, lse, scale,
+                                                   cp.key_mask(source, c, length, q.device))
+                dq = dq + dq_j
+                dkv = dkv + torch.stack([dk_j, dv_j])
             (dkv,) = cp.ring_shift(dkv)  # with its chunk; after N hops dK/dV are back at their owner
             if pending is not None:
                 (kv,) = cp.ring_wait(pending)
