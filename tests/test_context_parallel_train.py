@@ -23,7 +23,8 @@ def launched(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cp_train")
     wan, dit = write_config(tmp / "wan.yaml"), write_config(tmp / "dit.yaml", DIT)
     one_process(wan, tmp / "one_2", *WAN_ODD, "train.max_steps=2")  # resumed under CP below
-    torchrun([["train", "--config", str(wan), f"train.output_dir={tmp / 'wan'}", *WAN_ODD, *CP2],
+    torchrun([["train", "--config", str(wan), f"train.output_dir={tmp / 'wan'}", *WAN_ODD, *CP2,
+               "train.validate_every=3", "sampling.steps=2"],  # validation: every rank samples, rank 0 writes
               ["train", "--config", str(dit), f"train.output_dir={tmp / 'dit'}", "train.parallel=fsdp",
                "train.grad_accum=2", "train.activation_checkpointing=true", "train.context_parallel_mode=ring", *CP2],
               ["train", "--config", str(wan), f"train.output_dir={tmp / 'wan_2'}", *WAN_ODD, *CP2, "train.max_steps=2"],
@@ -46,6 +47,8 @@ def assert_same_run(run, ref, rtol=1e-5):
 def test_wan_ddp_ulysses_padded_equals_one_process(launched, tmp_path):
     one_process(launched["wan"], tmp_path / "one", *WAN_ODD)
     assert len(losses(launched["tmp"] / "wan")) == 3
+    sheet = launched["tmp"] / "wan" / "samples" / "step_00000003" / "contact_sheet.png"
+    assert sheet.is_file() and len(list(sheet.parent.glob("*.mp4"))) == 4  # the first 4 captions
     calls = attention_calls(launched["tmp"] / "wan")
     assert calls["ulysses"] >= 3 * 2 and calls["ring"] == 0, calls  # 3 steps x 2 blocks at least: it did shard
     assert_same_run(launched["tmp"] / "wan", tmp_path / "one")
