@@ -73,7 +73,9 @@ def test_context_parallel_video_equals_one_process(generated, name):
     ref = load_pipeline(case["model"]).generate(case["prompt"], progress=False, **case["args"]).videos
     got = load_file(str(tmp / f"{name}.safetensors"))["videos"]
     assert got.shape == ref.shape and ref.std() > 0.05
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    # pixels in [-1, 1]; measured max |diff| 1.3e-4 (DiT, ring: the fused CPU kernel's fp32 rounding, carried through
+    # 5 Heun NFE at sigma up to 80 and the VAE decoder); tests/test_context_parallel.py checks the forward itself
+    torch.testing.assert_close(got, ref, rtol=0, atol=5e-4)
 
 
 def test_cli_writes_once_on_rank_0(generated, tmp_path):
