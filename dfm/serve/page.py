@@ -15,13 +15,13 @@ main { display: grid; grid-template-columns: 360px 1fr; gap: 1.5em; }
 label { display: block; margin: .5em 0 .15em; font-weight: 600; }
 input[type=text], input[type=number], textarea, select { width: 100%; box-sizing: border-box; padding: .35em;
   font: inherit; }
-textarea { height: 4.5em; } .row { display: grid; grid-template-columns: 1fr 1fr 1fr; gap: .6em; }
+textarea { height: 4.5em; } .row { display: grid; grid-template-columns: 1fr 1fr 1.3fr; gap: .6em; }
 .hint { color: #777; font-size: .85em; } .seed { display: flex; gap: .5em; align-items: center; }
-.seed input[type=number] { flex: 1; } .seed label { display: inline; font-weight: normal; margin: 0; }
+.seed input[type=number] { flex: 1; min-width: 4.5em; } .seed label { display: inline; font-weight: normal; margin: 0; }
 button { margin-top: 1em; padding: .5em 2em; font: inherit; font-weight: 600; background: #2458c6; color: white;
          border: 0; border-radius: 4px; cursor: pointer; } button:disabled { background: #99a; }
 #error { color: #b00020; font-weight: 600; min-height: 1.4em; } #status { min-height: 1.4em; } progress { width: 100%; }
-video { max-width: 100%; background: #000; image-rendering: pixelated; }
+video { min-width: 256px; max-width: 100%; background: #000; image-rendering: pixelated; }
 #sheet { max-width: 100%; image-rendering: pixelated; }
 pre { background: #f4f4f4; padding: .6em; white-space: pre-wrap; word-break: break-all; font-size: .85em; }
 """

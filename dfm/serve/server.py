@@ -14,6 +14,7 @@ import errno
 import json
 import mimetypes
 import re
+import signal
 import sys
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -141,13 +142,19 @@ def cmd_serve(args) -> int:
     server = make_server(args.host, args.port, args.model, args.out_dir, resolve_device(args.device), args.dtype,
                          auto_threads=not args.threads)
     print(f"dfm serve: {server.url} (files in {args.out_dir}; Ctrl-C stops)", flush=True)
+    previous = signal.signal(signal.SIGTERM, _stop)  # `kill`, a service manager: a clean stop, as Ctrl-C
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         print("dfm serve: stopped", file=sys.stderr)
     finally:
         server.server_close()
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
 
 
 def add_commands(sub) -> None:
