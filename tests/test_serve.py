@@ -173,6 +173,15 @@ def test_http_page_api_and_files(server):
     assert status == 200 and described["paradigm"] == "edm" and described["samplers"][0].startswith("edm:")
 
 
+def test_a_client_going_away_is_no_error(server, capsys):
+    for error, logged in ((ConnectionResetError, False), (BrokenPipeError, False), (KeyError, True)):
+        try:
+            raise error("x")
+        except Exception:
+            server.handle_error(None, ("127.0.0.1", 1))
+        assert ("Traceback" in capsys.readouterr().err) == logged
+
+
 def test_cli_serve_errors_are_one_line(tmp_path, capsys):
     assert main(["serve", "--model", "no/such", "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

@@ -114,6 +114,11 @@ class Server(ThreadingHTTPServer):
         super().__init__(address, Handler)
         self.worker, self.model, self.models_list = worker, model, shipped_models()
 
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], ConnectionError):  # the browser went away (a <video> dropping a range)
+            return
+        super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
