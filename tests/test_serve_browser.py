@@ -1,7 +1,8 @@
 """The `dfm serve` page in a real headless Chromium (Debian's `chromium`, driven by Playwright through
 `executable_path`; Playwright's own browser download is not used): type a prompt, press Generate, wait for the
 <video> to play, download it and decode it; an empty prompt and an unrepresentable frame count are one-line errors
-and the next generation still works; two tabs at once both finish, the second told its place in the queue.
+and the next generation still works; two tabs at once both finish, the second told its place in the queue; the
+model picker (a shipped model, a folder path, a missing folder).
 
 The server is the real command (`python -m dfm serve --port 0`) in its own process. Skipped without Chromium or
 Playwright (CI=true makes that a failure: tests/conftest.py). DFM_SERVE_SCREENSHOT=docs/serve.png saves the page
@@ -58,8 +59,13 @@ def open_page(context, url: str):
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(url)
-    expect(page.locator("#sampler option")).not_to_have_count(0)  # the model's settings arrived
+    loaded(page, "models/wan_flow_digits")
     return page
+
+
+def loaded(page, model: str) -> None:
+    """Waits until the page has put `model`'s settings in the form (filling it before would be overwritten)."""
+    expect(page.locator("body")).to_have_attribute("data-model", model)
 
 
 def fill(page, prompt: str, **fields) -> None:
@@ -125,7 +131,7 @@ def test_two_tabs_queue_and_both_finish(server, browser):
     url, out = server
     context = browser.new_context()
     first, second = open_page(context, url), open_page(context, url)
-    fill(first, "the digit 6 moves up", frames=5, steps=50, seed=0)  # ~1-3 s: long enough to queue behind
+    fill(first, "the digit 6 moves up", frames=5, steps=80, seed=0)  # 2-5 s here: long enough to queue behind
     fill(second, "the digit 9 moves left", frames=5, steps=3, seed=0)
     first.get_by_role("button", name="Generate").click()
     expect(first.locator("#status")).not_to_be_empty()  # the first is in the queue
@@ -138,4 +144,31 @@ def test_two_tabs_queue_and_both_finish(server, browser):
     assert a["finished"] <= b["started"]  # one after the other
     for s in (a, b):
         assert decode_frames(out / s["video"]).shape[0] == 5
+    context.close()
+
+
+def test_model_picker_shipped_and_folder(server, browser):
+    """The shipped DiT from the list, then the same folder by its path: its own defaults and samplers arrive."""
+    url, out = server
+    context = browser.new_context()
+    page = open_page(context, url)
+    page.select_option("#model", "models/dit_edm_digits")
+    loaded(page, "models/dit_edm_digits")
+    expect(page.locator("#sampler")).to_have_value("edm:dpmpp_2m")  # the DiT's default, not the Wan model's
+    shown = json.loads(generate(page, "the digit 2 moves up", frames=3, steps=3, seed=5)["settings"])
+    assert (shown["model"], shown["sampler"], shown["num_frames"]) == ("models/dit_edm_digits", "edm:dpmpp_2m", 3)
+    page.select_option("#model", "")  # another folder...
+    folder = str(ROOT / "models" / "dit_edm_digits")
+    page.get_by_label("Model folder").fill(folder)
+    page.get_by_label("Model folder").blur()
+    loaded(page, folder)
+    first = shown
+    shown = json.loads(generate(page, "the digit 2 moves up", frames=3, steps=3, seed=5)["settings"])
+    assert shown["model"] == folder
+    assert shown["video"] == first["video"].replace(".mp4", "_2.mp4") and (out / first["video"]).is_file()  # kept
+    assert decode_frames(out / shown["video"]).shape[0] == 3
+    page.get_by_label("Model folder").fill("/no/such/folder")
+    page.get_by_label("Model folder").blur()
+    loaded(page, "!/no/such/folder")
+    expect(page.locator("#error")).to_contain_text("Model /no/such/folder: model folder /no/such/folder not found")
     context.close()

@@ -33,8 +33,9 @@ function modelName() { return $('model').value === '' ? $('model_path').value.tr
 async function loadModel() {
   $('model_path').hidden = $('model').value !== '';
   const name = modelName(); if (!name) return;
+  document.body.dataset.model = '';  // loading; the model's name once its settings are in the form
   const r = await fetch('/api/model?name=' + encodeURIComponent(name)); const j = await r.json();
-  if (!r.ok) { $('error').textContent = j.error; return; }
+  if (!r.ok) { $('error').textContent = j.error; document.body.dataset.model = '!' + name; return; }
   $('error').textContent = ''; info = j;
   const s = $('sampler'); s.innerHTML = '';
   for (const n of j.samplers) s.add(new Option(n, n));
@@ -47,6 +48,7 @@ async function loadModel() {
   for (const k of ['height', 'width']) { $(k).step = j.size_step; $(k).min = j.size_step; }
   $('hint_frames').textContent = 'this model: ' + j.frames.join(', ') + ', ...';
   $('hint_height').textContent = $('hint_width').textContent = 'multiples of ' + j.size_step;
+  document.body.dataset.model = name;
 }
 function form() {
   const data = {seed_random: $('seed_random').checked};
