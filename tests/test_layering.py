@@ -25,6 +25,7 @@ MAX_LINES = 600
 # submodules; the root `dfm` (a docstring and __version__) covers only itself.
 LAYERS = {
     "dfm.cli": 5, "dfm.__main__": 5,                                                 # the command line
+    "dfm.serve": 5,                                                                 # `dfm serve`, the web page
     "dfm.training": 4, "dfm.pipeline": 4, "dfm.evaluate": 4, "dfm.preprocess": 4,    # applications
     "dfm.model": 3,                                                                  # backbone + objective
     "dfm.models": 2, "dfm.vae": 2, "dfm.text": 2, "dfm.diffusion": 2, "dfm.data": 2,  # components

@@ -64,6 +64,27 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def model_path(model: str | Path) -> Path:
+    """--model as a path; the default, the shipped model, also from outside the repository."""
+    if str(model) == DEFAULT_MODEL and not Path(model).exists():
+        return Path(__file__).resolve().parents[2] / DEFAULT_MODEL
+    return Path(model)
+
+
+def write_outputs(out, path: Path, scale: int = 0) -> tuple[list[Path], Path]:
+    """A Generation's videos at `path` (several: path_00.mp4, ...) and its contact sheet at path.png; `scale` > 0
+    enlarges N times for viewing (0: tiny videos up to >= 128 px). Returns (videos written, sheet)."""
+    videos = out.videos  # [B, 3, F, H, W]
+    scale = scale if scale > 0 else max(1, 128 // min(videos.shape[-2:]))  # auto: tiny videos to >= 128 px
+    if scale > 1:  # for viewing only: whole pixels, no smoothing
+        videos = videos.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    written = []
+    for i, video in enumerate(videos):
+        target = path if len(out.videos) == 1 else path.with_name(f"{path.stem}_{i:02d}{path.suffix}")
+        written.append(write_video(target, video, fps=out.fps, pad_odd=True))
+    return written, write_contact_sheet(path.with_suffix(".png"), videos, labels=out.prompts)
+
+
 def cmd_generate(args) -> int:
     set_threads(args.threads)
     device = resolve_device(args.device)
@@ -80,10 +101,7 @@ def cmd_generate(args) -> int:
             check_output(target, "--out")
     else:
         check_output(Path("outputs") / "video.mp4", "the default output folder")
-    model = Path(args.model)
-    if args.model == DEFAULT_MODEL and not model.exists():  # the shipped model, from outside the repository
-        model = Path(__file__).resolve().parents[2] / DEFAULT_MODEL
-    pipe = load_pipeline(model, device=device, dtype=dtype, context_parallel=args.context_parallel,
+    pipe = load_pipeline(model_path(args.model), device=device, dtype=dtype, context_parallel=args.context_parallel,
                          context_parallel_mode=args.context_parallel_mode)
     if not args.threads and device == "cpu":  # a small generation: one thread (threads only add waiting)
         settings = pipe.settings(args.frames, args.height, args.width, args.steps, args.sampler, args.guidance,
@@ -105,15 +123,7 @@ def cmd_generate(args) -> int:
     path = Path(args.out) if args.out else Path("outputs") / f"{_slug(out.prompts[0])}_s{out.seeds[0]}.mp4"
     if path.suffix.lower() not in (".mp4", ".gif"):
         raise PipelineError(f"--out {path}: use a .mp4 or .gif file name")
-    videos = out.videos  # [B, 3, F, H, W]
-    scale = args.scale if args.scale > 0 else max(1, 128 // min(videos.shape[-2:]))  # auto: tiny videos to >= 128 px
-    if scale > 1:  # for viewing only: whole pixels, no smoothing
-        videos = videos.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-    written = []
-    for i, video in enumerate(videos):
-        target = path if len(out.videos) == 1 else path.with_name(f"{path.stem}_{i:02d}{path.suffix}")
-        written.append(write_video(target, video, fps=out.fps, pad_odd=True))
-    sheet = write_contact_sheet(path.with_suffix(".png"), videos, labels=out.prompts)
+    written, sheet = write_outputs(out, path, args.scale)
     for p in written:
         print(p)
     print(sheet)
