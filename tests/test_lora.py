@@ -144,3 +144,130 @@ def test_comfyui_and_kohya_keys_give_the_same(lora_files, style, tmp_path):
         with torch.no_grad():
             theirs = run_ref(pipe.transformer, x, t, ctx)
         torch.testing.assert_close(got, theirs, atol=1e-5, rtol=0)
+
+
+def trained_lora(net, rank=3, alpha=5.0, seed=1):
+    """A dfm LoRA with every matrix random (as after training: B no longer zero)."""
+    torch.manual_seed(seed)
+    lora = LoRA.create(net, rank=rank, alpha=alpha)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.3)
+    return lora
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "comfyui"])
+def test_dfm_lora_exports_to_diffusers_exactly(lora_files, fmt, tmp_path):
+    """A LoRA trained on dfm's fused layers, exported: diffusers loads it (load_lora_weights) and its transformer
+    gives dfm's output; reading the file back gives the same adapter bit for bit."""
+    ref, net = transformer_pair(lora_files["folder"])
+    lora = trained_lora(net)
+    add_lora(net, lora, "t")
+    x, t, ctx = wan_inputs()
+    with torch.no_grad():
+        ours = net(x, t, ctx)
+    path = save_lora(net, lora, tmp_path / "lora.safetensors", fmt)
+    pipe = diffusers.WanPipeline.from_pretrained(str(lora_files["folder"]), local_files_only=True)
+    pipe.load_lora_weights(str(path), adapter_name="t")
+    with torch.no_grad():
+        theirs = run_ref(pipe.transformer, x, t, ctx)
+        base = run_ref(ref, x, t, ctx)
+    assert (ours - base).abs().max() > 1e-2
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    back = load_lora_file(net, path)
+    assert back.state_dict().keys() == lora.state_dict().keys()
+    for k, v in lora.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_diffusers_file_is_what_save_lora_weights_writes(lora_files, tmp_path):
+    """dfm's diffusers export == WanPipeline.save_lora_weights of the same layers and adapter config: the same
+    keys, tensors and metadata; and diffusers' load_lora_adapter reads it into a bare transformer too."""
+    ref, net = transformer_pair(lora_files["folder"])
+    lora = trained_lora(net, rank=2, alpha=3.0)
+    ours = save_lora(net, lora, tmp_path / "ours.safetensors", "diffusers")
+    layers = {k.removeprefix("transformer."): v for k, v in load_file(ours).items()}
+    with safe_open(str(ours), "pt") as f:
+        meta = f.metadata()
+    config = {k.removeprefix("transformer."): v for k, v in json.loads(meta["lora_adapter_metadata"]).items()}
+    diffusers.WanPipeline.save_lora_weights(tmp_path / "theirs", transformer_lora_layers=layers,
+                                            transformer_lora_adapter_metadata=config)
+    theirs = tmp_path / "theirs" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(theirs), "pt") as f:
+        assert f.metadata() == meta
+    a, b = load_file(ours), load_file(theirs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == 3.0
+    # (diffusers reads the metadata only on its safetensors path: with weight_name or use_safetensors=True; a bare
+    # file path goes through its pickle fallback and loads at alpha = rank)
+    ref.load_lora_adapter(str(ours.parent), weight_name=ours.name, adapter_name="x", prefix="transformer")
+    add_lora(net, lora)
+    x, t, ctx = wan_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, ctx), run_ref(ref, x, t, ctx), atol=1e-5, rtol=0)
+
+
+def test_fuse_unfuse_unload_round_trip(lora_files):
+    """Two stacked adapters with scales: fused == hooked output; unfuse gives the weights back bit for bit, unload
+    the original model exactly; fusing one of two and unfusing in any order works."""
+    _, net = transformer_pair(lora_files["folder"])
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, t, ctx = wan_inputs()
+    with torch.no_grad():
+        base = net(x, t, ctx)
+        a, b = trained_lora(net, seed=1), trained_lora(net, rank=2, seed=2)
+        add_lora(net, a, "a", 0.7)
+        only_a = net(x, t, ctx)
+        add_lora(net, b, "b", -0.4)
+        hooked = net(x, t, ctx)
+        fuse_lora(net)
+        torch.testing.assert_close(net(x, t, ctx), hooked, atol=1e-5, rtol=0)
+        unfuse_lora(net, "a")  # a was fused first: b is unfused, a restored, b fused again
+        torch.testing.assert_close(net(x, t, ctx), hooked, atol=1e-5, rtol=0)
+        remove_lora(net, "b")
+        torch.testing.assert_close(net(x, t, ctx), only_a, atol=1e-6, rtol=0)
+        fuse_lora(net, "a")
+        unfuse_lora(net)
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+        remove_lora(net)
+        assert torch.equal(net(x, t, ctx), base)
+    assert net.state_dict().keys() == before.keys()  # adapters never enter the network's own state_dict
+
+
+def bad_file(tmp_path, name, tensors):
+    path = tmp_path / name
+    save_file(tensors, path)
+    return path
+
+
+def test_bad_lora_files_get_one_line(lora_files, tmp_path):
+    _, net = transformer_pair(lora_files["folder"])
+    good = load_file(lora_files["meta"])
+    cases = {
+        "unmatched": ({**good, "transformer.blocks.7.attn1.to_q.lora_A.weight": torch.zeros(4, 24),
+                       "transformer.blocks.7.attn1.to_q.lora_B.weight": torch.zeros(24, 4)},
+                      "blocks.7.attn1.to_q.lora_A.weight' matches no layer"),
+        "width": ({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 64),
+                   "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(64, 4)}, "another width"),
+        "flux": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 24),
+                  "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(24, 4)},
+                 "another architecture"),
+        "dit": ({"transformer.blocks.0.attn.qkv.lora_A.weight": torch.zeros(4, 24),
+                 "transformer.blocks.0.attn.qkv.lora_B.weight": torch.zeros(72, 4)}, "LoRA for a DiT"),
+        "diff": ({"diffusion_model.blocks.0.self_attn.q.diff": torch.zeros(24, 24)}, "full weight or bias"),
+        "alone": ({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 24)}, "no matching"),
+        "junk": ({"hello": torch.zeros(1)}, "not a LoRA key"),
+    }
+    for name, (tensors, words) in cases.items():
+        with pytest.raises(UserError) as e:
+            load_lora_file(net, bad_file(tmp_path, f"{name}.safetensors", tensors))
+        msg = str(e.value)
+        assert words in msg and "\n" not in msg, (name, msg)
+
+
+def test_info_describes_a_lora_file(lora_files):
+    text = describe_lora(lora_files["meta"])
+    assert "diffusers / PEFT" in text and "rank                      2, 4" in text and "alpha                     8" in text
+    assert "blocks.N.attn1.to_q" in text and "width 24" in text
+    plain = describe_lora(lora_files["plain"])
+    assert "none stored: alpha = rank" in plain
