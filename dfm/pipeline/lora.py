@@ -7,9 +7,12 @@ the pipeline: adapters are named after their file (several stack, each with its 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from dfm.models.lora import LoRA, LoRAError, add_lora, adapters, fuse_lora, remove_lora, set_scale, unfuse_lora
+from dfm.errors import first_line
+from dfm.models.lora import (LoRA, LoRAError, add_lora, adapters, backbone, fuse_lora, remove_lora, set_scale,
+                             unfuse_lora)
 from dfm.models.lora_files import FORMATS, describe_lora, load_lora_file, save_lora
 
 __all__ = ["FORMATS", "LoRAError", "describe_lora", "export_lora", "fuse", "load", "parse_lora_arg", "unfuse",
@@ -78,23 +81,106 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def export_lora(pipe, out, format: str = "diffusers", overwrite: bool = False) -> Path:
-    """The pipeline's one (unfused) LoRA as a file in `format`; OUT is checked before any work."""
+def check_lora_files(paths) -> None:
+    """--lora PATH: each a .safetensors file that exists (before the model is loaded)."""
+    for path in paths:
+        if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+            raise LoRAError(f"--lora {path}: not found or not a .safetensors file; pass a LoRA file (PATH[:SCALE])")
+
+
+def check_lora_target(out, format: str = "diffusers", overwrite: bool = False) -> Path:
+    """`dfm export RUN OUT --lora-only`: OUT is a new .safetensors name (or --force), the format known."""
     out = Path(out)
     if format not in FORMATS:
         raise LoRAError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
-    if out.suffix != ".safetensors":
-        raise LoRAError(f"{out}: a LoRA is written as a .safetensors file; name OUT like lora.safetensors")
+    if out.suffix != ".safetensors" or out.is_dir():
+        raise LoRAError(f"{out}: --lora-only writes a .safetensors file; name OUT like lora.safetensors")
     if out.exists() and not overwrite:
-        raise LoRAError(f"{out} exists; choose another name or pass --force")
+        raise LoRAError(f"{out} exists; choose another name or pass --force to replace it")
+    return out
+
+
+def export_lora(pipe, out, format: str = "diffusers", overwrite: bool = False) -> Path:
+    """The pipeline's one (unfused) LoRA as a file in `format`, written atomically."""
+    from dfm.io import atomic_path
+
+    out = check_lora_target(out, format, overwrite)
     loaded = adapters(pipe.transformer)
     if len(loaded) != 1:
         raise LoRAError(f"this model holds {len(loaded)} LoRA adapters; --lora-only exports a run trained with "
                         f"lora.rank set (exactly one adapter)")
     (entry,) = loaded.values()
-    from dfm.io import atomic_path
-
-    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         save_lora(pipe.transformer, entry["lora"], tmp, format)
     return out
+
+
+# ================================================================================ LoRA runs (training, export)
+
+
+@dataclass
+class Base:
+    """The weights a LoRA run starts from (model.init_from): the backbone's state_dict (any adapters of the base
+    fused in), and a small text encoder's weights and vocabulary (None for a frozen Hugging Face encoder)."""
+
+    net: dict
+    text: dict | None
+    vocab: list | None
+    source: str
+
+
+def base_of(pipe, source: str) -> Base:
+    """The Base in a loaded Pipeline (`load_pipeline(model.init_from)`: a dfm model folder, a trainer run (its EMA
+    weights) or a diffusers Wan folder); `source` names it in messages."""
+    from dfm.text import SmallTextEncoder
+
+    fuse_lora(pipe.transformer)  # a LoRA run as the base: its adapters become part of the weights
+    text = getattr(pipe.text, "encoder", pipe.text)
+    small = text if isinstance(text, SmallTextEncoder) else None
+    return Base({k: v.detach().clone() for k, v in backbone(pipe.transformer).state_dict().items()},
+                small.state_dict() if small is not None else None, small.tokenizer.vocab if small else None,
+                str(source))
+
+
+def init_module(module, base: Base) -> None:
+    """Copy the base's weights into a DiffusionModule built from the run's config (one line if they differ)."""
+    for part, state in (("net", base.net), ("text", base.text)):
+        target = getattr(module, part, None)
+        if target is None or state is None:
+            continue
+        try:
+            target.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise LoRAError(f"model.init_from={base.source}: its {'transformer' if part == 'net' else 'text encoder'} "
+                            f"does not fit the model this config builds ({first_line(e)[:200]}); use the recipe the "
+                            f"base was trained with") from None
+
+
+def attach_training_lora(module, cfg) -> LoRA:
+    """Freeze the whole DiffusionModule and add fresh adapters (`cfg` is the lora section) to its backbone; they
+    become `module.lora`, so the optimiser, EMA, DDP / FSDP2 and checkpoints see only them."""
+    module.requires_grad_(False)
+    lora = LoRA.create(module.net, cfg.rank, cfg.alpha or None, cfg.targets, cfg.dropout)
+    module.add_module("lora", lora)
+    add_lora(module.net, lora, "default")
+    return lora
+
+
+def load_run_weights(module, state: dict, load_full) -> None:
+    """A checkpoint's weights into `module`: the adapters alone for a LoRA run (`module.lora`), else everything
+    (`load_full(module, state)`, dfm.distributed.load_full_state_dict)."""
+    lora = getattr(module, "lora", None)
+    if not isinstance(lora, LoRA):
+        load_full(module, state)
+        return
+    other = [k for k in state if not k.startswith("lora.")]
+    if other:
+        raise ValueError(f"a LoRA run's checkpoint holds only adapters, this one also {other[:2]}")
+    load_full(lora, {k[len("lora."):]: v for k, v in state.items()})
+
+
+def run_module(module, recipe, base: Base) -> None:
+    """A LoRA run's model for inference (load_pipeline(RUN)): the base of model.init_from, frozen adapters."""
+    init_module(module, base)
+    attach_training_lora(module, recipe.lora)
+    module.lora.eval()
