@@ -129,3 +129,21 @@ def test_ddp_and_fsdp2_lora_runs_match_one_process(runs, tmp_path):
         assert w.keys() == w1.keys()
         for k in w:
             torch.testing.assert_close(w[k], w1[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_dit_edm_lora_with_activation_checkpointing(tmp_path):
+    """DiT + EDM: a LoRA run with activation checkpointing takes the same steps as one without, and its run
+    loads as the base with adapters."""
+    dit = {"model": {"arch": "dit", "size": "tiny", "overrides": {"dim": 32, "heads": 2, "freq_dim": 32}},
+           "diffusion": {"paradigm": "edm"}}
+    cfg_file = write_config(tmp_path / "dit.yaml", **dit)
+    run(cfg_file, tmp_path / "base", "train.max_steps=2")
+    args = [f"model.init_from={tmp_path / 'base'}", *LORA, "train.max_steps=3", "lora.dropout=0.1"]
+    run(cfg_file, tmp_path / "plain", *args)
+    run(cfg_file, tmp_path / "ckpt", *args, "train.activation_checkpointing=true")
+    assert losses(tmp_path / "plain") == losses(tmp_path / "ckpt")
+    state = load_checkpoint(latest_checkpoint(tmp_path / "ckpt" / "checkpoints"))["model"]
+    assert any("__attn__qkv." in k for k in state) and all(k.startswith("lora.") for k in state)
+    tuned = load_pipeline(tmp_path / "ckpt")
+    assert list(adapters(tuned.transformer)) == ["default"]
+    assert tuned.generate(PROMPTS, **GEN).videos.isfinite().all()
