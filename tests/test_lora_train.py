@@ -147,3 +147,28 @@ def test_dit_edm_lora_with_activation_checkpointing(tmp_path):
     tuned = load_pipeline(tmp_path / "ckpt")
     assert list(adapters(tuned.transformer)) == ["default"]
     assert tuned.generate(PROMPTS, **GEN).videos.isfinite().all()
+
+
+def test_export_of_a_lora_run_as_a_folder_merges_the_adapters(runs, tmp_path):
+    """`dfm export RUN FOLDER` of a LoRA run writes base + adapters merged: the folder gives the run's video."""
+    assert cli.main(["export", str(runs["lora"]), str(tmp_path / "merged")]) == 0
+    merged, tuned = load_pipeline(tmp_path / "merged"), load_pipeline(runs["lora"])
+    assert not adapters(merged.transformer)
+    torch.testing.assert_close(merged.generate(PROMPTS, **GEN).videos, tuned.generate(PROMPTS, **GEN).videos,
+                               atol=1e-5, rtol=0)
+
+
+def test_faint_ink_data_and_its_measure():
+    """data.ink scales the digits' brightness and nothing else (same captions, same motion); ink_level reads it."""
+    from dfm.data import MovingDigits
+    from dfm.evaluate_ink import ink_level
+
+    full, faint = (MovingDigits(num_frames=4, size=16, length=4, seed=1, ink=i) for i in (1.0, 0.5))
+    for i in range(4):
+        a, b = full[i], faint[i]
+        assert a["caption"] == b["caption"]
+        torch.testing.assert_close((b["video"] + 1) / 2, 0.5 * (a["video"] + 1) / 2, atol=1e-6, rtol=0)
+    videos = [torch.stack([ds[i]["video"] for i in range(4)]) for ds in (full, faint)]
+    torch.testing.assert_close(ink_level(videos[1]), 0.5 * ink_level(videos[0]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="ink must be in"):
+        MovingDigits(ink=0)

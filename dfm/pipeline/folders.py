@@ -437,6 +437,7 @@ def save_pipeline(pipe: Pipeline, folder: str | Path, overwrite: bool = False) -
         raise PipelineError("this pipeline's text encoder or VAE cannot be saved as a dfm model folder")
 
     def fill(tmp: Path) -> None:
+        lora.fuse(pipe)  # loaded LoRAs (a LoRA run's adapters) are merged into the saved weights
         _save_transformer(pipe.transformer, pipe.arch, tmp / "transformer")
         _text_module(pipe.text).save_pretrained(tmp / "text_encoder")
         pipe.vae.save_pretrained(tmp / "vae")

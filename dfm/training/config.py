@@ -26,6 +26,7 @@ class DataConfig:
     num_digits: int = 1
     colors: Optional[list[str]] = None
     bounce: bool = False
+    ink: float = 1.0  # the digits' brightness in (0, 1]; captions do not name it (a style for a LoRA to learn)
     length: int = 10_000  # items per epoch
     # folder (dfm.data.VideoFolder)
     root: Optional[str] = None
