@@ -84,8 +84,8 @@ def diffusers_lora_videos(folder, lora, scale, seeds, steps=4, guidance=5.0):
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
     pipe.set_adapters(["x"], [scale])
-    frames = pipe(prompt=PROMPTS, negative_prompt=WAN_NEGATIVE_PROMPT, height=SIZE, width=SIZE, num_frames=FRAMES, num_inference_steps=steps,
-                  guidance_scale=guidance, latents=noise(seeds), output_type="pt").frames
+    frames = pipe(prompt=PROMPTS, negative_prompt=WAN_NEGATIVE_PROMPT, height=SIZE, width=SIZE, num_frames=FRAMES,
+                  num_inference_steps=steps, guidance_scale=guidance, latents=noise(seeds), output_type="pt").frames
     return frames.permute(0, 2, 1, 3, 4) * 2 - 1
 
 
@@ -283,6 +283,10 @@ def test_dit_lora_round_trips_through_its_file(tmp_path):
     lora = trained_lora(net)
     names = lora.names()
     assert "blocks.0.attn.qkv" in names and "blocks.1.mlp.fc2" in names and "blocks.0.cross_attn.kv" in names
+    assert len(names) == 2 * 7  # per block: attn qkv/out, cross q/kv/out, mlp fc1/fc2 (no adaLN, no embedders)
+    hourglass = DiT(DiTConfig(dim=32, heads=2, depths=(1, 1), widths=(32, 64), in_channels=3, context_dim=8,
+                              freq_dim=32))
+    assert sorted({n.split(".")[0] for n in LoRA.create(hourglass, rank=2).names()}) == ["down", "mid", "up"]
     g = torch.Generator().manual_seed(0)
     x, t, ctx = torch.randn(2, 3, 2, 8, 8, generator=g), torch.tensor([0.3, 2.0]), torch.randn(2, 5, 8, generator=g)
     with torch.no_grad():

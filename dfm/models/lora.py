@@ -19,7 +19,8 @@ which is exactly what the per-projection adapters of diffusers / ComfyUI compute
 Targets are fnmatch patterns over the network's module names (`net.named_modules()`); the default
 `DEFAULT_TARGETS` is every attention projection and FFN layer of every block, as the ecosystem does:
 WAN `blocks.N.{self_attn.qkv, self_attn.out, cross_attn.q, cross_attn.kv, cross_attn.out, ffn.fc1, ffn.fc2}`,
-DiT `blocks.N.{attn.qkv, attn.out, cross_attn.*, mlp.fc1, mlp.fc2}`. `lora.targets=['blocks.*.self_attn.*']`
+DiT `blocks.N.{attn.qkv, attn.out, cross_attn.*, mlp.fc1, mlp.fc2}` (the hourglass DiT's `down.L.N.`, `mid.N.`,
+`up.L.N.` blocks alike). `lora.targets=['blocks.*.self_attn.*']`
 picks others; `lora_target_names(net, targets)` lists what a pattern selects.
 """
 
@@ -35,8 +36,7 @@ import torch.nn.functional as F
 
 from dfm.errors import UserError
 
-DEFAULT_TARGETS = ("*blocks.*attn.qkv", "*blocks.*attn.q", "*blocks.*attn.kv", "*blocks.*attn.out",
-                   "*blocks.*ffn.fc1", "*blocks.*ffn.fc2", "*blocks.*mlp.fc1", "*blocks.*mlp.fc2")
+DEFAULT_TARGETS = ("*attn.qkv", "*attn.q", "*attn.kv", "*attn.out", "*ffn.fc1", "*ffn.fc2", "*mlp.fc1", "*mlp.fc2")
 # the last name component of a fused projection -> how many projections its output concatenates
 FUSED_SLICES = {"qkv": 3, "kv": 2}
 

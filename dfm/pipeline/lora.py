@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from dfm.errors import first_line
 from dfm.models.lora import (LoRA, LoRAError, add_lora, adapters, backbone, fuse_lora, remove_lora, set_scale,
                              unfuse_lora)
@@ -156,10 +158,13 @@ def init_module(module, base: Base) -> None:
                             f"base was trained with") from None
 
 
-def attach_training_lora(module, cfg) -> LoRA:
+def attach_training_lora(module, cfg, base_dtype=None) -> LoRA:
     """Freeze the whole DiffusionModule and add fresh adapters (`cfg` is the lora section) to its backbone; they
-    become `module.lora`, so the optimiser, EMA, DDP / FSDP2 and checkpoints see only them."""
+    become `module.lora`, so the optimiser, EMA, DDP / FSDP2 and checkpoints see only them. `base_dtype` (bf16
+    under CUDA training) casts the frozen backbone (fp32 time path and norms kept); the adapters stay fp32."""
     module.requires_grad_(False)
+    if base_dtype is not None and base_dtype != torch.float32 and hasattr(module.net, "cast"):
+        module.net.cast(base_dtype)
     lora = LoRA.create(module.net, cfg.rank, cfg.alpha or None, cfg.targets, cfg.dropout)
     module.add_module("lora", lora)
     add_lora(module.net, lora, "default")

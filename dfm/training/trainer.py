@@ -172,8 +172,8 @@ class Trainer:
             check_latent_dataset(cfg, self.dataset, self.autoencoder)
         init = cfg.model.init_from  # the weights to start from (a LoRA's frozen base)
         base = lora_runs.base_of(load_pipeline(init), init) if init else None
-        vocab = self.resume.vocab if self.resume else (base.vocab if base and base.vocab else WordTokenizer.from_captions(
-            vocabulary_captions(cfg, self.dataset)).vocab)
+        vocab = self.resume.vocab if self.resume else base.vocab if base and base.vocab else \
+            WordTokenizer.from_captions(vocabulary_captions(cfg, self.dataset)).vocab
         torch.manual_seed(D.derive_seed(t.seed, 0xC0DE))  # identical initial weights on every rank
         stored = self.dataset.text_encoder if self.latents else None  # embeddings of a given length on disk
         text = build_text_encoder(cfg.text, vocab, stored.get("max_length") if stored else None)
@@ -188,7 +188,7 @@ class Trainer:
         if base is not None:
             lora_runs.init_module(module, base)
         if cfg.lora.rank:  # base frozen, only the adapters (module.lora) train
-            lora_runs.attach_training_lora(module, cfg.lora)
+            lora_runs.attach_training_lora(module, cfg.lora, compute_dtype(self.info.device, t.precision))
         if self.resume:
             try:
                 lora_runs.load_run_weights(module, self.resume.ckpt["model"], D.load_full_state_dict)
