@@ -30,6 +30,7 @@ from dfm.diffusion.edm import EDMPrecond, edm_loss
 from dfm.diffusion.flow import TimestepSampler, flow_loss
 from dfm.diffusion.paths import append_dims, denoiser_from_velocity
 from dfm.models import DIT_CONFIGS, WAN_CONFIGS, DiT, WanModel
+from dfm.models.lora import DEFAULT_TARGETS
 from dfm.text import SmallTextConfig, SmallTextEncoder, WordTokenizer, load_text_encoder
 from dfm.vae import VAEError, load_vae
 
@@ -41,6 +42,7 @@ class ModelConfig:
     arch: Literal["wan", "dit"] = "wan"  # the backbone
     size: str = "tiny"  # a name in the arch's size registry (WAN_CONFIGS / DIT_CONFIGS)
     overrides: dict = field(default_factory=dict)  # per-field changes to that size, e.g. {num_layers: 4}
+    init_from: str = ""  # start from these weights: a dfm model folder, a trainer run or a diffusers Wan folder
     # in/out channels and the text width are derived (autoencoder and text encoder): see backbone_config
 
 
@@ -116,6 +118,18 @@ class AutoencoderConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """lora: train low-rank adapters on a frozen base (model.init_from) instead of the whole model
+    (dfm/models/lora.py). rank 0: off. alpha 0: = rank (scale 1). targets: fnmatch patterns over the backbone's
+    linear layer names; the default is every attention projection and FFN layer of every block."""
+
+    rank: int = 0
+    alpha: float = 0.0
+    targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    dropout: float = 0.0
+
+
+@dataclass
 class ModelRecipe:
     """The sections of a training config that describe the model and how it samples (dfm.training.TrainConfig
     adds data, optim and train): what a checkpoint's config.yaml must give to rebuild the model for inference."""
@@ -125,6 +139,7 @@ class ModelRecipe:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     text: TextConfig = field(default_factory=TextConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     # keys of earlier dfm versions: config files (and so old checkpoints) that hold them load with the values
     # moved; a command-line override that uses one is told the new name (dfm.config.upgrade)

@@ -20,9 +20,9 @@ CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 # importorskip says "could not import 'NAME': ..." (pytest 8-9); a hand-written skip names what it needs
 MISSING_IMPORT = re.compile(r"could not import|No module named|\bneeds? (the )?(package |module )?"
-                            r"(sentencepiece|diffusers|transformers|accelerate|k[-_]?diffusion|torchsde|einops|"
+                            r"(sentencepiece|diffusers|transformers|peft|accelerate|k[-_]?diffusion|torchsde|einops|"
                             r"trampoline|scipy|tensorboard|torchdiffeq|av|sklearn|scikit-learn|chromium|"
-                            r"playwright)\b", re.IGNORECASE)
+                            r"playwright)", re.IGNORECASE)
 HARDWARE = re.compile(r"\b(cuda|gpus?|accelerator|nccl)\b", re.IGNORECASE)
 
 

@@ -187,7 +187,11 @@ class MovingDigits(Dataset):
         directions: Sequence[str] = DIRECTIONS,
         length: int = 10_000,
         seed: int = 0,
+        ink: float = 1.0,
     ):
+        if not 0 < ink <= 1:
+            raise ValueError(f"ink must be in (0, 1] (the digits' brightness; 1: full), got {ink}")
+        self.ink = float(ink)  # a style the captions do not name: every digit drawn at this brightness
         self.digit_size = int(digit_size if digit_size is not None else size // 2)
         if num_frames < 1 or size < 2 or not 1 <= self.digit_size <= size:
             raise ValueError(f"need num_frames >= 1 and 1 <= digit_size <= size, got {num_frames}, {self.digit_size}, {size}")
@@ -220,7 +224,7 @@ class MovingDigits(Dataset):
         self._offsets = (np.arange(self.size, dtype=np.float32)[:, None] - np.arange(self.digit_size, dtype=np.float32))  # [S, d]
         self._frames = np.arange(self.num_frames, dtype=np.float32)[:, None]  # [F, 1]
         self._labels, self._image_rows = self.labels.tolist(), self.image_indices.tolist()  # plain ints, fast to index
-        self._rgb = {name: np.asarray(rgb, dtype=np.float32).reshape(3, 1, 1, 1) for name, rgb in COLORS.items()}
+        self._rgb = {name: self.ink * np.asarray(rgb, dtype=np.float32).reshape(3, 1, 1, 1) for name, rgb in COLORS.items()}
 
     def __len__(self) -> int:
         return self.length

@@ -11,6 +11,7 @@ import torch
 
 from dfm.errors import first_line
 from dfm.pipeline.folders import DEFAULT_MODEL, describe, export_checkpoint, load_pipeline
+from dfm.pipeline.lora import check_lora_files, describe_lora, parse_lora_arg
 from dfm.pipeline.pipeline import GRID_NAMES, PipelineError, check_seed
 from dfm.video import write_contact_sheet, write_video
 
@@ -101,8 +102,11 @@ def cmd_generate(args) -> int:
             check_output(target, "--out")
     else:
         check_output(Path("outputs") / "video.mp4", "the default output folder")
+    check_lora_files(p for p, _ in args.lora)
     pipe = load_pipeline(model_path(args.model), device=device, dtype=dtype, context_parallel=args.context_parallel,
                          context_parallel_mode=args.context_parallel_mode)
+    for path, scale in args.lora:  # stacked, in the order given
+        pipe.load_lora(path, scale)
     if not args.threads and device == "cpu":  # a small generation: one thread (threads only add waiting)
         settings = pipe.settings(args.frames, args.height, args.width, args.steps, args.sampler, args.guidance,
                                  args.guidance_rescale, args.guidance_interval, args.grid, args.shift)
@@ -155,7 +159,7 @@ def cmd_info(args) -> int:
 
     set_threads(args.threads)
     try:
-        text = describe(args.path)
+        text = describe_lora(args.path) if str(args.path).endswith(".safetensors") else describe(args.path)
     except SafetensorError as e:  # a truncated or garbled weights file: name it (generate's loaders do too)
         bad = _unreadable_weights(Path(args.path)) or args.path
         raise PipelineError(f"could not read {bad}: {first_line(e)}. The file is corrupt or truncated; download or "
@@ -165,6 +169,14 @@ def cmd_info(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.lora_only:
+        from dfm.pipeline.folders import pipeline_from_checkpoint
+        from dfm.pipeline.lora import check_lora_target, export_lora
+
+        check_lora_target(args.out, args.format, args.force)  # before loading anything
+        pipe = pipeline_from_checkpoint(args.checkpoint, ema=not args.no_ema)
+        print(export_lora(pipe, args.out, args.format, args.force))
+        return 0
     out = export_checkpoint(args.checkpoint, args.out, ema=not args.no_ema, overwrite=args.force,
                             num_frames=args.frames, height=args.height, width=args.width, fps=args.fps,
                             steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, shift=args.shift)
@@ -217,13 +229,16 @@ def add_commands(sub) -> None:
                    "transformer's tokens over N ranks (Ulysses or ring attention); rank 0 writes")
     p.add_argument("--context-parallel-mode", default="auto", choices=["auto", "ulysses", "ring"],
                    help="how self-attention sees every rank's tokens (auto: Ulysses when N divides the heads)")
+    p.add_argument("--lora", action="append", default=[], type=parse_lora_arg, metavar="PATH[:SCALE]",
+                   help="add a LoRA file (diffusers/PEFT, original Wan/ComfyUI or kohya keys) with SCALE (default 1); "
+                        "repeat to stack several")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="describe a model folder or a trainer checkpoint",
                        description="Print what a dfm model folder, a diffusers Wan 2.1 folder or a trainer "
                                    "checkpoint holds: arch, paradigm, parameters per part, latent and text sizes, "
                                    "sampling defaults.")
-    p.add_argument("path", help="model folder, checkpoint (step_* folder) or run directory")
+    p.add_argument("path", help="model folder, checkpoint (step_* folder), run directory or LoRA .safetensors file")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: automatic)")
     p.set_defaults(func=cmd_info)
 
@@ -237,6 +252,9 @@ def add_commands(sub) -> None:
                    "a train-vae run directory")
     p.add_argument("out", help="the model folder to write (new or empty)")
     p.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA")
+    p.add_argument("--lora-only", action="store_true", help="a LoRA run: write only its adapter, as OUT.safetensors")
+    p.add_argument("--format", default="diffusers", choices=["diffusers", "comfyui"], help="with --lora-only: "
+                   "diffusers (PEFT keys + metadata, as WanPipeline.save_lora_weights) or comfyui (original Wan keys)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is a model folder that dfm export wrote "
                    "(atomically); any other non-empty folder is refused")
     p.add_argument("--sampler", default=None, help="default sampler (SPACE:METHOD)")

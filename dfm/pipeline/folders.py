@@ -27,6 +27,7 @@ from dfm.io import save_safetensors
 from dfm.model import (DiffusionModule, ModelRecipe, backbone_config, build_autoencoder, build_backbone,
                        diffusion_from_recipe, read_recipe, sampling_defaults, sampling_recipe)
 from dfm.models import DiT, DiTConfig, WanModel
+from dfm.pipeline import lora
 from dfm.pipeline.pipeline import DEFAULT_KEYS, Pipeline, PipelineError
 from dfm.text import FrozenSmallTextEncoder, SmallTextConfig, SmallTextEncoder, WordTokenizer, load_text_encoder
 from dfm.vae import load_vae
@@ -343,10 +344,12 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
     small = isinstance(text, SmallTextEncoder)  # else a frozen encoder, outside the trained module
     net = build_backbone(r.model, vae.channels, text.dim)
     module = DiffusionModule(net, text if small else None, r.diffusion, r.text.null)
+    if r.lora.rank:  # a LoRA run: the base of model.init_from with its adapters (dfm/pipeline/lora.py)
+        lora.run_module(module, r, lora.base_of(load_pipeline(r.model.init_from), r.model.init_from))
     ckpt = load_checkpoint(path)
     use_ema = ema and ckpt["ema"] is not None
     try:
-        D.load_full_state_dict(module, ckpt["ema"] if use_ema else ckpt["model"])
+        lora.load_run_weights(module, ckpt["ema"] if use_ema else ckpt["model"], D.load_full_state_dict)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}; its config.yaml does not describe these weights") from None
     if dtype != torch.float32 and hasattr(net, "cast"):
@@ -441,6 +444,7 @@ def save_pipeline(pipe: Pipeline, folder: str | Path, overwrite: bool = False) -
         raise PipelineError("this pipeline's text encoder or VAE cannot be saved as a dfm model folder")
 
     def fill(tmp: Path) -> None:
+        lora.fuse(pipe)  # loaded LoRAs (a LoRA run's adapters) are merged into the saved weights
         _save_transformer(pipe.transformer, pipe.arch, tmp / "transformer")
         _text_module(pipe.text).save_pretrained(tmp / "text_encoder")
         pipe.vae.save_pretrained(tmp / "vae")

@@ -130,6 +130,28 @@ class Pipeline:
     def transformer(self) -> nn.Module:
         return self.module.net
 
+    # LoRA (dfm/pipeline/lora.py): adapters stack, each with its scale; unload restores the transformer exactly
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a LoRA file (diffusers/PEFT, original Wan/ComfyUI or kohya keys) with `scale`; returns its name."""
+        from dfm.pipeline import lora
+
+        return lora.load(self, path, scale, name)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        from dfm.pipeline import lora
+
+        lora.unload(self, name)
+
+    def fuse_lora(self, name: str | None = None) -> None:
+        from dfm.pipeline import lora
+
+        lora.fuse(self, name)
+
+    def unfuse_lora(self, name: str | None = None) -> None:
+        from dfm.pipeline import lora
+
+        lora.unfuse(self, name)
+
     # ---------------------------------------------------------------------------------------- arguments
 
     def _prompts(self, prompts, negative_prompt, seed, seeds) -> tuple[list[str], list[str] | None, list[int]]:

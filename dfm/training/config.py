@@ -26,6 +26,7 @@ class DataConfig:
     num_digits: int = 1
     colors: Optional[list[str]] = None
     bounce: bool = False
+    ink: float = 1.0  # the digits' brightness in (0, 1]; captions do not name it (a style for a LoRA to learn)
     length: int = 10_000  # items per epoch
     # folder (dfm.data.VideoFolder)
     root: Optional[str] = None
@@ -141,6 +142,18 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"sampling.guidance_interval must be [lo, hi] in the model's noise levels ({unit}), got "
                           f"{interval}")
     backbone_config(cfg.model, 3, cfg.text.dim)  # the size name and overrides
+    lo = cfg.lora
+    if lo.rank < 0 or lo.alpha < 0 or not 0 <= lo.dropout < 1:
+        raise ConfigError(f"lora: rank >= 0 (0: off), alpha >= 0 (0: = rank), dropout in [0, 1); got rank {lo.rank}, "
+                          f"alpha {lo.alpha}, dropout {lo.dropout}")
+    if lo.rank and not cfg.model.init_from:
+        raise ConfigError("lora.rank is set but model.init_from is not: a LoRA adapts a trained model; pass "
+                          "model.init_from=FOLDER (a dfm model folder, a trainer run or a diffusers Wan folder)")
+    if cfg.model.init_from:
+        if not Path(cfg.model.init_from).exists():
+            raise ConfigError(f"model.init_from={cfg.model.init_from} does not exist; pass a dfm model folder, a "
+                              f"trainer run or a diffusers Wan folder")
+        cfg.model.init_from = str(Path(cfg.model.init_from).resolve())  # the run's config.yaml works from anywhere
 
 
 def config_changes(saved: Path, cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:

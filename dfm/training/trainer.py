@@ -41,6 +41,8 @@ from dfm.config import ConfigError, config_yaml
 from dfm.errors import UserError, first_line
 from dfm.model import (DiffusionModule, build_autoencoder, build_backbone, build_text_encoder, sampling_defaults,
                        sampling_recipe, set_activation_checkpointing)
+from dfm.pipeline import lora as lora_runs
+from dfm.pipeline.folders import load_pipeline
 from dfm.pipeline.pipeline import SEED_LIMIT, Pipeline, PipelineError, count_tokens
 from dfm.text import SmallTextEncoder, WordTokenizer, pad_context
 from dfm.training.config import TrainConfig, TrainingError, check_config, config_changes
@@ -173,8 +175,10 @@ class Trainer:
         self.autoencoder.to(self.info.device)
         if self.latents:
             check_latent_dataset(cfg, self.dataset, self.autoencoder)
-        vocab = self.resume.vocab if self.resume else WordTokenizer.from_captions(
-            vocabulary_captions(cfg, self.dataset)).vocab
+        init = cfg.model.init_from  # the weights to start from (a LoRA's frozen base)
+        base = lora_runs.base_of(load_pipeline(init), init) if init else None
+        vocab = self.resume.vocab if self.resume else base.vocab if base and base.vocab else \
+            WordTokenizer.from_captions(vocabulary_captions(cfg, self.dataset)).vocab
         torch.manual_seed(D.derive_seed(t.seed, 0xC0DE))  # identical initial weights on every rank
         stored = self.dataset.text_encoder if self.latents else None  # embeddings of a given length on disk
         text = build_text_encoder(cfg.text, vocab, stored.get("max_length") if stored else None)
@@ -186,9 +190,13 @@ class Trainer:
             text.requires_grad_(cfg.text.trainable)
         net = build_backbone(cfg.model, self.autoencoder.channels, text.dim)
         module = DiffusionModule(net, text if self.frozen_text is None else None, cfg.diffusion, cfg.text.null)
+        if base is not None:
+            lora_runs.init_module(module, base)
+        if cfg.lora.rank:  # base frozen, only the adapters (module.lora) train
+            lora_runs.attach_training_lora(module, cfg.lora, compute_dtype(self.info.device, t.precision))
         if self.resume:
             try:
-                D.load_full_state_dict(module, self.resume.ckpt["model"])
+                lora_runs.load_run_weights(module, self.resume.ckpt["model"], D.load_full_state_dict)
             except ValueError as e:
                 raise CheckpointError(f"{self.resume.path}: {e}; resume with the config it was trained with "
                                       f"({self.resume.path / 'config.yaml'})") from None
@@ -417,6 +425,8 @@ class Trainer:
         records the step's loss and whether the weights are finite and sane (`checkpoint_health`)."""
         t = self.cfg.train
         model_sd = D.full_state_dict(self.model)
+        if self.cfg.lora.rank:  # a LoRA checkpoint holds the adapters only (the base is model.init_from)
+            model_sd = {k: v for k, v in model_sd.items() if k.startswith("lora.")}
         ema_sd = {**model_sd, **self.ema.full_state_dict()}  # a complete EMA model (frozen parts as they are)
         opt_sd = D.full_optimizer_state(self.optimizer)
         path = None

@@ -1,0 +1,191 @@
+"""LoRA on a Pipeline and in model folders and runs: `Pipeline.load_lora / unload_lora / fuse_lora`, `dfm
+generate --lora PATH[:SCALE]`, `dfm info LORA.safetensors`, `dfm export RUN OUT.safetensors --lora-only`.
+
+The math and the file formats are dfm/models/lora.py and dfm/models/lora_files.py; this module only ties them to
+the pipeline: adapters are named after their file (several stack, each with its scale) and recorded in
+`pipe.source["lora"]`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dfm.errors import first_line
+from dfm.models.lora import (LoRA, LoRAError, add_lora, adapters, backbone, fuse_lora, remove_lora, set_scale,
+                             unfuse_lora)
+from dfm.models.lora_files import FORMATS, describe_lora, load_lora_file, save_lora
+
+__all__ = ["FORMATS", "LoRAError", "describe_lora", "export_lora", "fuse", "load", "parse_lora_arg", "unfuse",
+           "unload"]
+
+
+def _record(pipe) -> None:
+    pipe.source["lora"] = [{"name": n, "scale": e["scale"], "fused": e["fused"] is not None}
+                           for n, e in adapters(pipe.transformer).items()]
+    if not pipe.source["lora"]:
+        del pipe.source["lora"]
+
+
+def load(pipe, path, scale: float = 1.0, name: str | None = None) -> str:
+    """Add the LoRA file at `path` to the pipeline's transformer with `scale`; returns the adapter's name (the
+    file's stem, made unique)."""
+    path = Path(path)
+    lora = load_lora_file(pipe.transformer, path)
+    taken = adapters(pipe.transformer)
+    if name is None:
+        name, i = path.stem, 1
+        while name in taken:
+            i += 1
+            name = f"{path.stem}_{i}"
+    add_lora(pipe.transformer, lora.to(pipe.device), name, float(scale))
+    _record(pipe)
+    return name
+
+
+def add(pipe, lora: LoRA, name: str = "default", scale: float = 1.0) -> str:
+    add_lora(pipe.transformer, lora, name, scale)
+    _record(pipe)
+    return name
+
+
+def unload(pipe, name: str | None = None) -> None:
+    """Remove one adapter, or all: the transformer is as it was before loading (fused ones are unfused)."""
+    remove_lora(pipe.transformer, name)
+    _record(pipe)
+
+
+def fuse(pipe, name: str | None = None) -> None:
+    """Merge the adapters (or one) into the transformer's weights; `unfuse` restores them exactly."""
+    fuse_lora(pipe.transformer, name)
+    _record(pipe)
+
+
+def unfuse(pipe, name: str | None = None) -> None:
+    unfuse_lora(pipe.transformer, name)
+    _record(pipe)
+
+
+def scale(pipe, name: str, value: float) -> None:
+    set_scale(pipe.transformer, name, value)
+    _record(pipe)
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (path, scale); the scale is the part after the last ':' when it is a number."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def check_lora_files(paths) -> None:
+    """--lora PATH: each a .safetensors file that exists (before the model is loaded)."""
+    for path in paths:
+        if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+            raise LoRAError(f"--lora {path}: not found or not a .safetensors file; pass a LoRA file (PATH[:SCALE])")
+
+
+def check_lora_target(out, format: str = "diffusers", overwrite: bool = False) -> Path:
+    """`dfm export RUN OUT --lora-only`: OUT is a new .safetensors name (or --force), the format known."""
+    out = Path(out)
+    if format not in FORMATS:
+        raise LoRAError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
+    if out.suffix != ".safetensors" or out.is_dir():
+        raise LoRAError(f"{out}: --lora-only writes a .safetensors file; name OUT like lora.safetensors")
+    if out.exists() and not overwrite:
+        raise LoRAError(f"{out} exists; choose another name or pass --force to replace it")
+    return out
+
+
+def export_lora(pipe, out, format: str = "diffusers", overwrite: bool = False) -> Path:
+    """The pipeline's one (unfused) LoRA as a file in `format`, written atomically."""
+    from dfm.io import atomic_path
+
+    out = check_lora_target(out, format, overwrite)
+    loaded = adapters(pipe.transformer)
+    if len(loaded) != 1:
+        raise LoRAError(f"this model holds {len(loaded)} LoRA adapters; --lora-only exports a run trained with "
+                        f"lora.rank set (exactly one adapter)")
+    (entry,) = loaded.values()
+    with atomic_path(out) as tmp:
+        save_lora(pipe.transformer, entry["lora"], tmp, format)
+    return out
+
+
+# ================================================================================ LoRA runs (training, export)
+
+
+@dataclass
+class Base:
+    """The weights a LoRA run starts from (model.init_from): the backbone's state_dict (any adapters of the base
+    fused in), and a small text encoder's weights and vocabulary (None for a frozen Hugging Face encoder)."""
+
+    net: dict
+    text: dict | None
+    vocab: list | None
+    source: str
+
+
+def base_of(pipe, source: str) -> Base:
+    """The Base in a loaded Pipeline (`load_pipeline(model.init_from)`: a dfm model folder, a trainer run (its EMA
+    weights) or a diffusers Wan folder); `source` names it in messages."""
+    from dfm.text import SmallTextEncoder
+
+    fuse_lora(pipe.transformer)  # a LoRA run as the base: its adapters become part of the weights
+    text = getattr(pipe.text, "encoder", pipe.text)
+    small = text if isinstance(text, SmallTextEncoder) else None
+    return Base({k: v.detach().clone() for k, v in backbone(pipe.transformer).state_dict().items()},
+                small.state_dict() if small is not None else None, small.tokenizer.vocab if small else None,
+                str(source))
+
+
+def init_module(module, base: Base) -> None:
+    """Copy the base's weights into a DiffusionModule built from the run's config (one line if they differ)."""
+    for part, state in (("net", base.net), ("text", base.text)):
+        target = getattr(module, part, None)
+        if target is None or state is None:
+            continue
+        try:
+            target.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise LoRAError(f"model.init_from={base.source}: its {'transformer' if part == 'net' else 'text encoder'} "
+                            f"does not fit the model this config builds ({first_line(e)[:200]}); use the recipe the "
+                            f"base was trained with") from None
+
+
+def attach_training_lora(module, cfg, base_dtype=None) -> LoRA:
+    """Freeze the whole DiffusionModule and add fresh adapters (`cfg` is the lora section) to its backbone; they
+    become `module.lora`, so the optimiser, EMA, DDP / FSDP2 and checkpoints see only them. `base_dtype` (bf16
+    under CUDA training) casts the frozen backbone (fp32 time path and norms kept); the adapters stay fp32."""
+    module.requires_grad_(False)
+    if base_dtype is not None and base_dtype != torch.float32 and hasattr(module.net, "cast"):
+        module.net.cast(base_dtype)
+    lora = LoRA.create(module.net, cfg.rank, cfg.alpha or None, cfg.targets, cfg.dropout)
+    module.add_module("lora", lora)
+    add_lora(module.net, lora, "default")
+    return lora
+
+
+def load_run_weights(module, state: dict, load_full) -> None:
+    """A checkpoint's weights into `module`: the adapters alone for a LoRA run (`module.lora`), else everything
+    (`load_full(module, state)`, dfm.distributed.load_full_state_dict)."""
+    lora = getattr(module, "lora", None)
+    if not isinstance(lora, LoRA):
+        load_full(module, state)
+        return
+    other = [k for k in state if not k.startswith("lora.")]
+    if other:
+        raise ValueError(f"a LoRA run's checkpoint holds only adapters, this one also {other[:2]}")
+    load_full(lora, {k[len("lora."):]: v for k, v in state.items()})
+
+
+def run_module(module, recipe, base: Base) -> None:
+    """A LoRA run's model for inference (load_pipeline(RUN)): the base of model.init_from, frozen adapters."""
+    init_module(module, base)
+    attach_training_lora(module, recipe.lora)
+    module.lora.eval()
