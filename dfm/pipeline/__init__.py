@@ -71,6 +71,7 @@ from dfm.pipeline.folders import (
     save_pipeline,
     wan_scheduler_settings,
 )
+from dfm.pipeline import wan_family  # noqa: F401  registers the Wan I2V / FLF2V / 2.2 folder layouts
 from dfm.pipeline.commands import add_commands  # dfm.cli registers generate / info / export through it
 
 __all__ = [
