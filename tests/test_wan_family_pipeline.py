@@ -144,3 +144,109 @@ def test_matches_diffusers(parts, case, kind):
     # latents are larger (|z| up to 5.5), one forward agrees to 1.5e-6 and guidance 5 over 6 steps amplifies it
     torch.testing.assert_close(out.videos, expected, atol=3e-5 if (case, kind) == ("ti2v", "euler") else 1e-5,
                                rtol=0)
+
+
+def test_experts_switch_by_noise_level_whichever_sampler_runs(parts):
+    """The high-noise expert sees only t >= boundary_ratio * 1000, the low-noise one only t below, under an EDM-space
+    sampler and a flow one alike; guidance_scale_2 changes the video."""
+    pipe = load_pipeline(build(parts, "a14b_t2v", "unipc"))
+    experts = pipe.transformer.net.experts  # IntegerTimesteps -> WanFamilyNet
+    seen = {0: [], 1: []}
+    hooks = [e.register_forward_pre_hook(lambda m, a, i=i: seen[i].extend(a[1].reshape(-1).tolist()))
+             for i, e in enumerate(experts)]
+    kw = dict(num_frames=FRAMES, height=SIZE, width=SIZE, steps=6, seed=0, progress=False)
+    try:
+        for sampler in ("edm:heun", "flow:dpmpp_2m"):
+            seen[0].clear(), seen[1].clear()
+            pipe.generate(PROMPTS[0], sampler=sampler, **kw)
+            assert seen[0] and seen[1], sampler
+            assert min(seen[0]) >= 875 > max(seen[1]), (sampler, seen)
+    finally:
+        for h in hooks:
+            h.remove()
+    a = pipe.generate(PROMPTS[0], guidance_scale_2=1.0, **kw).videos
+    b = pipe.generate(PROMPTS[0], guidance_scale_2=4.0, **kw).videos
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_images_per_prompt_and_as_tensors(parts):
+    """One image per prompt: each video is the one a batch of one gives; a [3, H, W] tensor in [-1, 1] is the
+    same image as the PIL picture it came from."""
+    import numpy as np
+
+    pipe = load_pipeline(build(parts, "i2v", "unipc"))
+    kw = dict(num_frames=FRAMES, height=SIZE, width=SIZE, steps=3, progress=False)
+    pics = [image(0), image(1)]
+    both = pipe.generate(PROMPTS, image=pics, seeds=[3, 4], **kw).videos
+    for i in range(2):
+        one = pipe.generate(PROMPTS[i], image=pics[i], seeds=[3 + i], **kw).videos
+        torch.testing.assert_close(one[0], both[i], atol=1e-5, rtol=0)
+    tensor = torch.from_numpy(np.array(pics[1])).permute(2, 0, 1).float() / 127.5 - 1  # [3, H, W]
+    torch.testing.assert_close(pipe.generate(PROMPTS[1], image=tensor, seeds=[4], **kw).videos, one, rtol=0, atol=0)
+    other = pipe.generate(PROMPTS[1], image=pics[0], seeds=[4], **kw).videos[0]
+    assert (other - both[1]).abs().max() > 1e-3  # the image matters
+
+
+def test_wrong_inputs_are_one_line_errors(parts, tmp_path):
+    kw = dict(num_frames=FRAMES, height=SIZE, width=SIZE, steps=1, progress=False)
+    i2v, t2v = load_pipeline(build(parts, "i2v", "unipc")), load_pipeline(build(parts, "a14b_t2v", "unipc"))
+    with pytest.raises(PipelineError, match="Wan I2V folder: it needs an image"):
+        i2v.generate(PROMPTS[0], **kw)
+    with pytest.raises(PipelineError, match="last_image needs a first-last-frame"):
+        i2v.generate(PROMPTS[0], image=image(0), last_image=image(1), **kw)
+    with pytest.raises(PipelineError, match="guidance_scale_2 is the low-noise expert's scale; this Wan I2V"):
+        i2v.generate(PROMPTS[0], image=image(0), guidance_scale_2=3.0, **kw)
+    with pytest.raises(PipelineError, match="A14B text-to-video model: it takes no image"):
+        t2v.generate(PROMPTS[0], image=image(0), **kw)
+    with pytest.raises(PipelineError, match="FLF2V .* it needs last_image"):
+        load_pipeline(build(parts, "flf2v", "unipc")).generate(PROMPTS[0], image=image(0), **kw)
+    with pytest.raises(PipelineError, match="got 3 images for 2 prompts"):
+        i2v.generate(PROMPTS, image=[image(0)] * 3, **kw)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a picture")
+    with pytest.raises(PipelineError, match="cannot read image .*bad.png"):
+        i2v.generate(PROMPTS[0], image=bad, **kw)
+
+
+def test_cli_image_flags_and_info(parts, tmp_path, capsys):
+    from dfm import cli
+
+    folder = build(parts, "a14b_i2v", "unipc")
+    assert cli.main(["info", str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert "layout                    A14B-I2V (diffusers WanImageToVideoPipeline)" in text
+    assert "transformer (t >= 900), transformer_2 below" in text and "params transformer_2" in text
+    assert "default guidance_scale_2  3.5" in text
+    pic = tmp_path / "first.png"
+    image(5).save(pic)
+    out = tmp_path / "v.gif"
+    base = ["generate", PROMPTS[0], "--model", str(folder), "--frames", str(FRAMES), "--height", str(SIZE),
+            "--width", str(SIZE), "--steps", "2", "--seed", "1", "--no-progress"]
+    assert cli.main(base + ["--image", str(pic), "--guidance-2", "2", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    capsys.readouterr()
+    for flags, message in ((["--image", str(tmp_path / "missing.png")], "cannot read --image"),
+                           ([], "it needs an image"),
+                           (["--image", str(pic), "--last-image", str(pic)], "last_image needs a first-last-frame")):
+        assert cli.main(base + flags + ["--out", str(tmp_path / "x.gif")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("dfm generate: error: ") and message in err[0], err
+
+
+def test_image_to_a_wan21_t2v_folder(tmp_path, capsys):
+    """A dfm model (as a plain Wan 2.1 text-to-video folder): an image or guidance_scale_2 is one line, from the
+    CLI before any weights load."""
+    from dfm import cli
+
+    shipped = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "wan_flow_digits"
+    pic = tmp_path / "p.png"
+    image(0).save(pic)
+    for flags, what in ((["--image", str(pic)], "text-to-video model: it takes no image"),
+                        (["--guidance-2", "3"], "low-noise expert's scale; this text-to-video model has one")):
+        assert cli.main(["generate", "the digit 3 moves up", "--model", str(shipped), "--steps", "1", "--out",
+                         str(tmp_path / "v.gif"), "--no-progress"] + flags) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and what in err[0] and "Loading" not in err[0], err
+    pipe = load_pipeline(shipped)
+    with pytest.raises(PipelineError, match="text-to-video model with one transformer: it takes no last_image"):
+        pipe.generate("the digit 3 moves up", steps=1, last_image=image(0), progress=False)

@@ -12,6 +12,7 @@ import torch
 from dfm.errors import first_line
 from dfm.pipeline.folders import DEFAULT_MODEL, describe, export_checkpoint, load_pipeline
 from dfm.pipeline.pipeline import GRID_NAMES, PipelineError, check_seed
+from dfm.pipeline.wan_family import check_folder_inputs, read_image
 from dfm.video import write_contact_sheet, write_video
 
 
@@ -80,9 +81,12 @@ def cmd_generate(args) -> int:
             check_output(target, "--out")
     else:
         check_output(Path("outputs") / "video.mp4", "the default output folder")
+    images = {k: read_image(v, f"--{k.replace('_', '-')}") for k, v in (("image", args.image),
+                                                                         ("last_image", args.last_image)) if v}
     model = Path(args.model)
     if args.model == DEFAULT_MODEL and not model.exists():  # the shipped model, from outside the repository
         model = Path(__file__).resolve().parents[2] / DEFAULT_MODEL
+    check_folder_inputs(model, images.get("image"), images.get("last_image"), args.guidance_2)  # before loading
     pipe = load_pipeline(model, device=device, dtype=dtype)
     if not args.threads and device == "cpu":  # a small generation: one thread (threads only add waiting)
         settings = pipe.settings(args.frames, args.height, args.width, args.steps, args.sampler, args.guidance,
@@ -93,7 +97,7 @@ def cmd_generate(args) -> int:
                         width=args.width, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
                         shift=args.shift, seed=args.seed, progress=not args.no_progress,
                         guidance_rescale=args.guidance_rescale, guidance_interval=args.guidance_interval,
-                        grid=args.grid)
+                        grid=args.grid, guidance_scale_2=args.guidance_2, **images)
     path = Path(args.out) if args.out else Path("outputs") / f"{_slug(out.prompts[0])}_s{out.seeds[0]}.mp4"
     if path.suffix.lower() not in (".mp4", ".gif"):
         raise PipelineError(f"--out {path}: use a .mp4 or .gif file name")
@@ -195,6 +199,10 @@ def add_commands(sub) -> None:
     p.add_argument("--scale", type=int, default=0, help="write the video and contact sheet N times larger "
                    "(nearest neighbour, for viewing; default 0 = auto: small videos up to at least 128 px)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--image", default=None, metavar="PATH", help="first frame (Wan I2V / FLF2V / 2.2 folders)")
+    p.add_argument("--last-image", default=None, metavar="PATH", help="last frame (Wan FLF2V folders)")
+    p.add_argument("--guidance-2", type=float, default=None, metavar="W",
+                   help="guidance of the low-noise expert (Wan 2.2 A14B; default the folder's)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="describe a model folder or a trainer checkpoint",

@@ -314,8 +314,8 @@ class Pipeline:
             given = [k for k, v in (("image", image), ("last_image", last_image),
                                     ("guidance_scale_2", guidance_scale_2)) if v is not None]
             if given:
-                raise PipelineError(f"this is a text-to-video model: it takes no {given[0]}; use a Wan image-to-video "
-                                    f"or Wan 2.2 folder")
+                raise PipelineError(f"this is a text-to-video model with one transformer: it takes no {given[0]}; "
+                                    f"use a Wan image-to-video or Wan 2.2 folder")
             return {}, None, s["guidance_scale"]
         c.check(image, last_image, guidance_scale_2)
         scale = c.guidance(s["guidance_scale"], guidance_scale_2)

@@ -162,6 +162,36 @@ def pixels(image, height: int, width: int) -> torch.Tensor:
     return arr.permute(2, 0, 1) * 2 - 1
 
 
+def check_inputs(kind: str | None, two_experts: bool, image, last_image, guidance_scale_2) -> None:
+    """One-line errors for image inputs a layout does not take (kind None: a text-to-video model)."""
+    name = {"A14B-T2V": "Wan 2.2 A14B text-to-video", None: "text-to-video"}.get(kind, f"Wan {kind}")
+    if image is None and kind in ("I2V", "FLF2V", "A14B-I2V"):
+        raise PipelineError(f"this is a {name} folder: it needs an image (image=..., --image PATH)")
+    if image is not None and kind not in IMAGE_LAYOUTS:
+        raise PipelineError(f"this is a {name} model: it takes no image; use a Wan image-to-video folder")
+    if last_image is None and kind == "FLF2V":
+        raise PipelineError("this is a Wan FLF2V (first-last-frame) folder: it needs last_image too "
+                            "(last_image=..., --last-image PATH)")
+    if last_image is not None and kind != "FLF2V":
+        raise PipelineError(f"last_image needs a first-last-frame (FLF2V) model; this one is {name}")
+    if guidance_scale_2 is not None and not two_experts:
+        raise PipelineError(f"guidance_scale_2 is the low-noise expert's scale; this {name} model has one "
+                            f"transformer: use guidance_scale")
+
+
+def check_folder_inputs(path, image, last_image, guidance_scale_2) -> None:
+    """`check_inputs` from a folder's model_index.json and transformer config alone (before loading weights)."""
+    import json
+
+    path = Path(path)
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+        kind = layout(index, _read_config(path / "transformer")) if _claims(path, index) else None
+    except (OSError, ValueError, AttributeError, PipelineError):
+        return  # not a readable folder: load_pipeline names the problem
+    check_inputs(kind, index.get("transformer_2") not in (None, [None, None]), image, last_image, guidance_scale_2)
+
+
 class WanConditioner:
     """The image side of a family pipeline: checks the inputs, encodes them once, and gives the cond tensors both
     CFG branches share plus what happens to the sampled latents (TI2V: the given first frame put back)."""
@@ -177,21 +207,10 @@ class WanConditioner:
         return len(self.net.experts) == 2
 
     def check(self, image, last_image, guidance_scale_2) -> None:
-        name = {"A14B-T2V": "Wan 2.2 A14B text-to-video"}.get(self.layout, f"Wan {self.layout}")
-        if image is None and self.layout in ("I2V", "FLF2V", "A14B-I2V"):
-            raise PipelineError(f"this is a {name} folder: it needs an image (image=..., --image PATH)")
-        if image is not None and self.layout not in IMAGE_LAYOUTS:
-            raise PipelineError(f"this is a {name} folder: it takes no image; use an image-to-video folder")
-        if last_image is None and self.layout == "FLF2V":
-            raise PipelineError("this is a Wan FLF2V (first-last-frame) folder: it needs last_image too "
-                                "(last_image=..., --last-image PATH)")
-        if last_image is not None and self.layout != "FLF2V":
-            raise PipelineError(f"last_image needs a first-last-frame (FLF2V) model; this folder is {name}")
-        if guidance_scale_2 is not None and not self.two_experts:
-            raise PipelineError(f"guidance_scale_2 is the low-noise expert's scale; this {name} folder has one "
-                                f"transformer: use guidance_scale")
+        check_inputs(self.layout, self.two_experts, image, last_image, guidance_scale_2)
 
     def guidance(self, w: float, w2: float | None):
+
         """The guidance scale for guided_sample: w, or per step w / w2 by expert."""
         if not self.two_experts:
             return w
