@@ -140,8 +140,8 @@ def test_wan_folder_defects(wan_folders, tmp_path):
     with pytest.raises(PipelineError, match="scheduler_config.json is not valid JSON"):
         load_pipeline(folder)
     index = json.loads((wan_folders["unipc"] / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanImageToVideoPipeline"}))
-    with pytest.raises(PipelineError, match="'WanImageToVideoPipeline'; dfm loads dfm model folders and"):
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanVACEPipeline"}))
+    with pytest.raises(PipelineError, match="'WanVACEPipeline'; dfm loads dfm model folders and"):
         load_pipeline(folder)
 
 

@@ -157,7 +157,7 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
         return _load_wan_folder(path, index, device, dtype)
     name = index.get("_class_name", index.get("format"))
     raise PipelineError(f"{path}/model_index.json describes {name!r}; dfm loads dfm model folders and diffusers "
-                        f"WanPipeline (Wan 2.1 text-to-video) folders")
+                        f"Wan folders (WanPipeline, WanImageToVideoPipeline)")
 
 
 def _load_vae(folder: Path, what: str):
