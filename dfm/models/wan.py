@@ -51,7 +51,7 @@ from .layers import (
     unpatchify,
 )
 from .rope import rope_3d
-from .wan_image import ImageCrossAttention, ImageEmbedder
+from .wan_image import FAMILY_CONFIGS, ImageCrossAttention, ImageEmbedder
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -130,18 +130,7 @@ WAN_CONFIGS: dict[str, WanConfig] = {
     "1.3B": WanConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
     # Wan2.1-T2V-14B-Diffusers / transformer / config.json
     "14B": WanConfig(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
-    # Wan2.1-I2V-14B-480P/720P-Diffusers (CLIP image cross-attention, 16 noise + 20 condition channels)
-    "14B-I2V": WanConfig(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
-                         in_channels=36, image_dim=1280, added_kv_proj_dim=5120),
-    # Wan2.1-FLF2V-14B-720P-Diffusers (first and last frame: 2 x 257 image tokens with a position table)
-    "14B-FLF2V": WanConfig(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
-                           in_channels=36, image_dim=1280, added_kv_proj_dim=5120, pos_embed_seq_len=514),
-    # Wan2.2-I2V-A14B-Diffusers, each of transformer/ and transformer_2/ (no CLIP; T2V-A14B's experts are "14B")
-    "A14B-I2V": WanConfig(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
-                          in_channels=36),
-    # Wan2.2-TI2V-5B-Diffusers (48-channel VAE latents, per-token timesteps in the pipeline)
-    "5B": WanConfig(num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, num_layers=30, in_channels=48,
-                    out_channels=48),
+    **{name: WanConfig(**kw) for name, kw in FAMILY_CONFIGS.items()},  # I2V, FLF2V, Wan 2.2 (wan_image.py)
 }
 
 # the parameters that stay fp32 when the model is cast to bf16 (time path, modulation tables, norms), by name

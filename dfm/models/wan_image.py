@@ -16,6 +16,19 @@ import torch.nn.functional as F
 
 from .layers import CrossAttention, LayerNorm, RMSNorm, sdpa
 
+_14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40)
+FAMILY_CONFIGS = {  # WanConfig fields of the released models beyond text-to-video (wan.WAN_CONFIGS holds them)
+    # Wan2.1-I2V-14B-480P/720P-Diffusers: CLIP image cross-attention, 16 noise + 20 condition channels
+    "14B-I2V": dict(_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120),
+    # Wan2.1-FLF2V-14B-720P-Diffusers: first and last frame, 2 x 257 image tokens with a position table
+    "14B-FLF2V": dict(_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120, pos_embed_seq_len=514),
+    # Wan2.2-I2V-A14B-Diffusers, each of transformer/ and transformer_2/ (no CLIP; T2V-A14B's experts are "14B")
+    "A14B-I2V": dict(_14B, in_channels=36),
+    # Wan2.2-TI2V-5B-Diffusers: 48-channel VAE latents, per-token timesteps in the pipeline
+    "5B": dict(num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, num_layers=30, in_channels=48,
+               out_channels=48),
+}
+
 
 class ImageEmbedder(nn.Module):
     """CLIP image features [B, N, image_dim] -> image context tokens [B, N, dim] (fp32 norms, eps 1e-5 as
