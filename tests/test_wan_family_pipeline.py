@@ -216,7 +216,8 @@ def test_cli_image_flags_and_info(parts, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "layout                    A14B-I2V (diffusers WanImageToVideoPipeline)" in text
     assert "transformer (t >= 900), transformer_2 below" in text and "params transformer_2" in text
-    assert "default guidance_scale_2  3.5" in text
+    assert "default guidance_scale_2  3.5" in text and "default steps             40" in text
+    assert "default height            720" in text and "image                     required (first frame, no CLIP)" in text
     pic = tmp_path / "first.png"
     image(5).save(pic)
     out = tmp_path / "v.gif"

@@ -535,10 +535,12 @@ def describe(path: str | Path) -> str:
             text_line = (f"{text.get('model_type')} ({(text.get('architectures') or ['?'])[0]}), dim "
                          f"{text.get('d_model')}, max_length {WAN_TEXT_LENGTH}, zero-padded, no mask in the "
                          f"transformer")
-            family = next((lines(index, path) for claims, _, lines in FAMILY_LOADERS if claims(path, index)), None)
-            add("path", f"{path} (diffusers Wan {'' if family else '2.1 '}folder, {index['_class_name']})")
-            for k, v in family or []:
+            info = next((info for claims, _, info in FAMILY_LOADERS if claims(path, index)), None)
+            family, extra = info(index, path) if info else ([("layout", "T2V (Wan 2.1 text-to-video)")], {})
+            add("path", f"{path} (diffusers Wan {'' if info else '2.1 '}folder, {index['_class_name']})")
+            for k, v in family:
                 add(k, v)
+            defaults.update(extra)
             if options:
                 add("sampler options", json.dumps(options))
         else:

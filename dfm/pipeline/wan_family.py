@@ -353,8 +353,8 @@ def _check_parts(path: Path, kind: str, experts, text, vae, clip) -> None:
                             f"reads {experts[0].config.image_dim}; the folder mixes models")
 
 
-def describe_layout(pipe_index: dict, path: Path) -> list[tuple[str, str]]:
-    """(key, value) lines `dfm info` adds for a family folder: the layout and its defaults."""
+def describe_layout(pipe_index: dict, path: Path) -> tuple[list[tuple[str, str]], dict]:
+    """`dfm info` for a family folder: (key, value) lines naming the layout, and its defaults over Wan 2.1's."""
     kind = layout(pipe_index, _read_config(path / "transformer"))
     lines = [("layout", f"{kind} (diffusers {pipe_index.get('_class_name')})")]
     if pipe_index.get("boundary_ratio") is not None:
@@ -365,7 +365,7 @@ def describe_layout(pipe_index: dict, path: Path) -> list[tuple[str, str]]:
     lines.append(("image", {"I2V": "required (CLIP + first frame)", "FLF2V": "image and last_image required",
                             "A14B-I2V": "required (first frame, no CLIP)", "TI2V": "optional (first latent frame)",
                             "A14B-T2V": "none (text-to-video)"}[kind]))
-    return lines
+    return lines, {k: v for k, v in extra.items() if k != "guidance_scale_2"}
 
 
 FAMILY_LOADERS.append((_claims, load_family_folder, describe_layout))
