@@ -218,7 +218,8 @@ class WanConditioner:
         """The guidance scale for guided_sample: w, or per step w / w2 by expert."""
         if not self.two_experts:
             return w
-        w2 = w if w2 is None and self.guidance_scale_2 is None else (self.guidance_scale_2 if w2 is None else w2)
+        if w2 is None:  # the folder's (Wan's) default, else diffusers' rule: the same w for both experts
+            w2 = w if self.guidance_scale_2 is None else self.guidance_scale_2
         if not (math.isfinite(float(w2)) and 0 <= float(w2) <= 100):
             raise PipelineError(f"guidance_scale_2 must be a number in [0, 100], got {w2}")
         return w if w2 == w else expert_guidance(self.net, self.diffusion, w, float(w2))
