@@ -29,6 +29,20 @@ outputs equal to 2.8e-6:
     | dfm       | 4.970                   | 4.686                  | 1.13x, 1.09x                |
 
 The VAE decode and the text encoder cost both sides the same; the CUDA path has not been run (no GPU was lent).
+
+The i2v rows (issue 16) run the same parts as a WanImageToVideoPipeline folder (36-channel transformer with CLIP
+image cross-attention, a random CLIPVisionModel, a colour-gradient first frame) against diffusers'
+WanImageToVideoPipeline in the same run. Measured 2026-12-02, 1 thread, under a load average of 11.7 on the 2
+cores (wall times are inflated and noisy; the CPU-time ratio is the result; `python benchmarks/pipeline.py
+--repeats 3`), outputs equal to 2.8e-6 (t2v) and 6.0e-7 (i2v):
+
+    | layout | pipeline                            | wall s (median) | CPU s (median) | diffusers / dfm (wall, CPU) |
+    | t2v    | diffusers (WanPipeline)             | 30.014          | 5.930          | 1.00x, 1.00x                |
+    | t2v    | dfm                                 | 24.332          | 5.488          | 1.23x, 1.08x                |
+    | i2v    | diffusers (WanImageToVideoPipeline) | 24.548          | 6.072          | 1.00x, 1.00x                |
+    | i2v    | dfm                                 | 16.690          | 4.867          | 1.47x, 1.25x                |
+
+diffusers' I2V runs CFG as two forwards per step, each re-projecting the 257 image tokens; dfm batches them.
 """
 
 from __future__ import annotations
