@@ -42,7 +42,7 @@ cores (wall times are inflated and noisy; the CPU-time ratio is the result; `pyt
     | i2v    | diffusers (WanImageToVideoPipeline) | 24.548          | 6.072          | 1.00x, 1.00x                |
     | i2v    | dfm                                 | 16.690          | 4.867          | 1.47x, 1.25x                |
 
-diffusers' I2V runs CFG as two forwards per step, each re-projecting the 257 image tokens; dfm batches them.
+diffusers' I2V runs CFG as two forwards of batch B per step, dfm as one of batch 2B (as for t2v).
 """
 
 from __future__ import annotations
