@@ -152,3 +152,22 @@ def test_released_configs_match_diffusers_on_meta(name):
         ours = WanModel(cfg)
         theirs = WanTransformer3DModel(**PUBLISHED[name])
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_cfg_scale_per_noise_level():
+    """CFGDenoiser with a scale function (two experts): each step is plain CFG with that step's w, in one forward."""
+    from dfm.diffusion.guidance import CFGDenoiser
+
+    calls = []
+
+    def model(x, sigma, context):
+        calls.append(x.shape[0])
+        return x * context[:, :1, None, None] + sigma[:, None, None, None]
+
+    x = torch.randn(2, 3, 4, 4)
+    cond, uncond = {"context": torch.full((2, 1), 2.0)}, {"context": torch.full((2, 1), 0.5)}
+    per_level = CFGDenoiser(model, cond, uncond, guidance_scale=lambda s: torch.where(s > 1, 5.0, 2.0))
+    for sigma, w in ((3.0, 5.0), (0.5, 2.0)):
+        want = CFGDenoiser(model, cond, uncond, guidance_scale=w)(x, torch.tensor(sigma))
+        torch.testing.assert_close(per_level(x, torch.tensor(sigma)), want, rtol=0, atol=0)
+    assert calls == [4] * 4  # both branches batched, every call
