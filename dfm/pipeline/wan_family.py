@@ -33,7 +33,8 @@ from dfm.pipeline.folders import (FAMILY_LOADERS, WAN_TEXT_LENGTH, IntegerTimest
 from dfm.pipeline.pipeline import Pipeline, PipelineError
 
 IMAGE_LAYOUTS = ("I2V", "FLF2V", "A14B-I2V", "TI2V")
-# Wan's own defaults per layout (Wan2.1/Wan2.2 generate.py configs); shift comes from the scheduler config
+# Wan's defaults per layout as recalled from Wan2.2's wan/configs (not checked against the files here); shift comes
+# from the scheduler config
 LAYOUT_DEFAULTS = {
     "I2V": {},
     "FLF2V": {"height": 720, "width": 1280},
