@@ -171,3 +171,15 @@ def test_cfg_scale_per_noise_level():
         want = CFGDenoiser(model, cond, uncond, guidance_scale=w)(x, torch.tensor(sigma))
         torch.testing.assert_close(per_level(x, torch.tensor(sigma)), want, rtol=0, atol=0)
     assert calls == [4] * 4  # both branches batched, every call
+
+
+def test_infer_config_reads_the_image_widths():
+    """A lone .safetensors of an FLF2V model (no config.json): the image widths come from the weights."""
+    from dfm.models.wan import infer_config
+
+    kw = dict(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=128, in_channels=36, out_channels=16,
+              text_dim=24, freq_dim=32, ffn_dim=64, num_layers=1, image_dim=20, added_kv_proj_dim=128,
+              pos_embed_seq_len=6)
+    with torch.device("meta"):
+        ref = WanTransformer3DModel(**kw)
+    assert infer_config(ref.state_dict()) == WanConfig(**kw)

@@ -475,7 +475,8 @@ def infer_config(sd: dict) -> WanConfig:
     try:
         w = sd["patch_embedding.weight"]  # [D, C, pt, ph, pw]
         dim, patch = w.shape[0], tuple(w.shape[2:])
-        img, pos = sd.get("condition_embedder.image_embedder.norm1.weight"), sd.get("condition_embedder.image_embedder.pos_embed")
+        img = sd.get("condition_embedder.image_embedder.norm1.weight")
+        pos = sd.get("condition_embedder.image_embedder.pos_embed")
         add_k = sd.get("blocks.0.attn2.add_k_proj.weight")
         return WanConfig(
             patch_size=patch, num_attention_heads=dim // 128, attention_head_dim=128, in_channels=w.shape[1],
