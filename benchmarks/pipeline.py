@@ -29,6 +29,20 @@ outputs equal to 2.8e-6:
     | dfm       | 4.970                   | 4.686                  | 1.13x, 1.09x                |
 
 The VAE decode and the text encoder cost both sides the same; the CUDA path has not been run (no GPU was lent).
+
+The i2v rows (issue 16) run the same parts as a WanImageToVideoPipeline folder (36-channel transformer with CLIP
+image cross-attention, a random CLIPVisionModel, a colour-gradient first frame) against diffusers'
+WanImageToVideoPipeline in the same run. Measured 2026-12-02, 1 thread, under a load average of 11.7 on the 2
+cores (wall times are inflated and noisy; the CPU-time ratio is the result; `python benchmarks/pipeline.py
+--repeats 3`), outputs equal to 2.8e-6 (t2v) and 6.0e-7 (i2v):
+
+    | layout | pipeline                            | wall s (median) | CPU s (median) | diffusers / dfm (wall, CPU) |
+    | t2v    | diffusers (WanPipeline)             | 30.014          | 5.930          | 1.00x, 1.00x                |
+    | t2v    | dfm                                 | 24.332          | 5.488          | 1.23x, 1.08x                |
+    | i2v    | diffusers (WanImageToVideoPipeline) | 24.548          | 6.072          | 1.00x, 1.00x                |
+    | i2v    | dfm                                 | 16.690          | 4.867          | 1.47x, 1.25x                |
+
+diffusers' I2V runs CFG as two forwards of batch B per step, dfm as one of batch 2B (as for t2v).
 """
 
 from __future__ import annotations
@@ -79,6 +93,47 @@ def build_folder(root: Path, c: dict) -> Path:
     return save_wan_folder(root, tok, text, vae, transformer)
 
 
+def build_i2v_folder(root: Path, c: dict) -> Path:
+    """The same parts as an image-to-video folder (WanImageToVideoPipeline): a 36-channel transformer with CLIP
+    image cross-attention and a random CLIPVisionModel (penultimate hidden state, as Wan 2.1 I2V)."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(1)
+    tok = tiny_t5_tokenizer(root, SENTENCES)
+    text = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=len(tok), d_model=c["text_dim"], d_kv=16, d_ff=2 * c["text_dim"], num_layers=c["text_layers"],
+        num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+    dim = c["heads"] * c["head_dim"]
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=c["heads"], attention_head_dim=c["head_dim"], in_channels=36,
+        out_channels=16, text_dim=c["text_dim"], freq_dim=64, ffn_dim=c["ffn"], num_layers=c["layers"],
+        image_dim=c["text_dim"], added_kv_proj_dim=dim)
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=c["text_dim"], intermediate_size=2 * c["text_dim"], num_hidden_layers=2, num_attention_heads=4,
+        image_size=64, patch_size=16))
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    vae = diffusers.AutoencoderKLWan(base_dim=c["vae_dim"], z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0, num_train_timesteps=1000, solver_order=2)
+    folder = root / "wan_i2v"
+    diffusers.WanImageToVideoPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer,
+                                      scheduler=scheduler, image_encoder=clip,
+                                      image_processor=processor).save_pretrained(folder)
+    return folder
+
+
+def first_frame(size: int):
+    """A deterministic picture (a colour gradient) as the I2V input."""
+    from PIL import Image
+
+    ramp = torch.linspace(0, 255, size)
+    rgb = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size),
+                       255 - ramp[None, :].expand(size, size)], dim=-1)
+    return Image.fromarray(rgb.to(torch.uint8).numpy())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the tiny config (a smoke test)")
@@ -97,35 +152,12 @@ def main() -> None:
     name = args.config or ("tiny" if args.quick else "small")
     c = CONFIGS[name]
     device = torch.device(args.device)
-    with tempfile.TemporaryDirectory(prefix="dfm_bench_pipeline_") as tmp:
-        folder = build_folder(Path(tmp), c)
-        ours = load_pipeline(folder, device=device)
-        theirs = diffusers.WanPipeline.from_pretrained(str(folder), local_files_only=True).to(device)
-        theirs.set_progress_bar_config(disable=True)
-        seeds = list(range(args.batch))
-        shape = ours.latent_shape(c["frames"], c["size"], c["size"])
-        latents = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
-        settings = dict(num_frames=c["frames"], height=c["size"], width=c["size"], steps=args.steps,
-                        guidance_scale=5.0)
-
-        def run_dfm():
-            ours.text.clear_cache()
-            return ours.generate([PROMPT] * args.batch, seeds=seeds, progress=False, **settings).videos
-
-        def run_diffusers():
-            frames = theirs(prompt=[PROMPT] * args.batch, negative_prompt=WAN_NEGATIVE_PROMPT, height=c["size"],
-                            width=c["size"], num_frames=c["frames"], num_inference_steps=args.steps,
-                            guidance_scale=5.0, latents=latents.clone().to(device), output_type="pt").frames
-            return frames.permute(0, 2, 1, 3, 4) * 2 - 1  # [B, 3, F, H, W] in [-1, 1]
-
-        with torch.no_grad():
-            diff = (run_dfm().cpu() - run_diffusers().cpu()).abs().max().item()  # also the warm-up
-            runs = {"diffusers": run_diffusers, "dfm": run_dfm}
-            wall, cpu_s = time_alternating(runs, args.repeats, device, lambda name: None)
-    times = {k: [t / args.batch for t in v] for k, v in wall.items()}
-    cpu_times = {k: [t / args.batch for t in v] for k, v in cpu_s.items()}
-    med = {k: statistics.median(v) for k, v in times.items()}
-    cpu_med = {k: statistics.median(v) for k, v in cpu_times.items()}
+    rows, diffs = {}, {}
+    for layout in ("t2v", "i2v"):
+        with tempfile.TemporaryDirectory(prefix="dfm_bench_pipeline_") as tmp:
+            diffs[layout], wall, cpu_s = bench(layout, Path(tmp), c, args, device)
+        rows[layout] = ({k: [t / args.batch for t in v] for k, v in wall.items()},
+                        {k: [t / args.batch for t in v] for k, v in cpu_s.items()})
     tokens = (1 + (c["frames"] - 1) // 4) * (c["size"] // 16) ** 2
     cpu = platform.processor() or platform.machine()
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -134,14 +166,53 @@ def main() -> None:
     print(f"config {name}: transformer {c['layers']} layers, dim {c['heads'] * c['head_dim']}; {c['frames']} frames at "
           f"{c['size']}x{c['size']} ({tokens} video tokens, 512 text tokens); UniPC {args.steps} steps, guidance 5, "
           f"batch {args.batch}; {args.repeats} alternating repeats (order reversed every round); load average "
-          f"{load:.1f} at start; max |dfm - diffusers| = {diff:.2e}")
+          f"{load:.1f} at start; max |dfm - diffusers| = {diffs['t2v']:.2e} (t2v), {diffs['i2v']:.2e} (i2v)")
     print()
-    print("| pipeline | wall s / video (median) | min | max | CPU s / video (median) | diffusers / dfm (wall, CPU) |")
-    print("|---|---|---|---|---|---|")
-    for label in ("diffusers", "dfm"):
-        v = times[label]
-        print(f"| {label} | {med[label]:.3f} | {min(v):.3f} | {max(v):.3f} | {cpu_med[label]:.3f} | "
-              f"{med['diffusers'] / med[label]:.2f}x, {cpu_med['diffusers'] / cpu_med[label]:.2f}x |")
+    print("| layout | pipeline | wall s / video (median) | min | max | CPU s / video (median) | diffusers / dfm (wall, CPU) |")
+    print("|---|---|---|---|---|---|---|")
+    for layout, (times, cpu_times) in rows.items():
+        med = {k: statistics.median(v) for k, v in times.items()}
+        cpu_med = {k: statistics.median(v) for k, v in cpu_times.items()}
+        peer = "diffusers" + (" (WanImageToVideoPipeline)" if layout == "i2v" else " (WanPipeline)")
+        for label in ("diffusers", "dfm"):
+            v = times[label]
+            print(f"| {layout} | {peer if label == 'diffusers' else 'dfm'} | {med[label]:.3f} | {min(v):.3f} | "
+                  f"{max(v):.3f} | {cpu_med[label]:.3f} | {med['diffusers'] / med[label]:.2f}x, "
+                  f"{cpu_med['diffusers'] / cpu_med[label]:.2f}x |")
+
+
+def bench(layout: str, tmp: Path, c: dict, args, device):
+    """(max |dfm - diffusers|, wall, CPU seconds per run) of one layout's folder."""
+    import diffusers
+
+    folder = build_folder(tmp, c) if layout == "t2v" else build_i2v_folder(tmp, c)
+    ours = load_pipeline(folder, device=device)
+    cls = diffusers.WanPipeline if layout == "t2v" else diffusers.WanImageToVideoPipeline
+    theirs = cls.from_pretrained(str(folder), local_files_only=True).to(device)
+    theirs.set_progress_bar_config(disable=True)
+    image = {} if layout == "t2v" else {"image": first_frame(c["size"])}
+    seeds = list(range(args.batch))
+    shape = ours.latent_shape(c["frames"], c["size"], c["size"])
+    latents = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    settings = dict(num_frames=c["frames"], height=c["size"], width=c["size"], steps=args.steps,
+                    guidance_scale=5.0)
+
+    def run_dfm():
+        ours.text.clear_cache()
+        return ours.generate([PROMPT] * args.batch, seeds=seeds, progress=False, **settings, **image).videos
+
+    def run_diffusers():
+        frames = theirs(prompt=[PROMPT] * args.batch, negative_prompt=WAN_NEGATIVE_PROMPT, height=c["size"],
+                        width=c["size"], num_frames=c["frames"], num_inference_steps=args.steps,
+                        guidance_scale=5.0, latents=latents.clone().to(device), output_type="pt",
+                        **image).frames
+        return frames.permute(0, 2, 1, 3, 4) * 2 - 1  # [B, 3, F, H, W] in [-1, 1]
+
+    with torch.no_grad():
+        diff = (run_dfm().cpu() - run_diffusers().cpu()).abs().max().item()  # also the warm-up
+        runs = {"diffusers": run_diffusers, "dfm": run_dfm}
+        wall, cpu_s = time_alternating(runs, args.repeats, device, lambda name: None)
+    return diff, wall, cpu_s
 
 
 if __name__ == "__main__":

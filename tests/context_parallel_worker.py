@@ -22,6 +22,24 @@ def wan(**kw):
     return WanModel(dataclasses.replace(WAN_CONFIGS["tiny"], **kw))
 
 
+class PerTokenTimesteps(torch.nn.Module):
+    """A WanModel fed per-token timesteps [B, L] (Wan 2.2 TI2V's expand_timesteps): the first latent frame at t=0,
+    the rest falling along the sequence, so the sharded forward must shard the modulation with the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = wan()
+
+    def forward(self, x, t, ctx, mask):
+        pt, ph, pw = self.inner.config.patch_size
+        L = (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)
+        first = (x.shape[3] // ph) * (x.shape[4] // pw)  # tokens of the first latent frame
+        ramp = torch.linspace(1.0, 0.5, L)  # [L]
+        t_tok = t[:, None] * ramp  # [B, L]
+        t_tok[:, :first] = 0.0
+        return self.inner(x, t_tok, ctx, mask)
+
+
 def dit(name="tiny", **kw):
     return DiT(dit_config(name, in_channels=4, context_dim=24, **kw))
 
@@ -59,6 +77,8 @@ CASES = {  # name: (model builder, (F, H, W), mode, activation checkpointing)
     "wan_ring_odd": (lambda: wan(), (3, 2, 6), "ring", False),
     "wan_auto_odd_checkpointing": (lambda: wan(), (3, 2, 6), "auto", True),
     "wan_ring_one_token_per_rank": (lambda: wan(), (1, 2, 2), "ring", False),  # 1 token: rank 1 holds padding only
+    "wan_per_token_t_ulysses_odd": (PerTokenTimesteps, (3, 2, 6), "ulysses", False),
+    "wan_per_token_t_ring_odd": (PerTokenTimesteps, (3, 2, 6), "ring", False),
     "dit_ulysses_odd": (lambda: dit(), (3, 2, 6), "ulysses", False),
     "dit_ring_even": (lambda: dit(), (2, 4, 6), "ring", False),
     "dit_ring_odd_sincos": (lambda: dit(position="sincos"), (3, 2, 6), "ring", False),

@@ -32,7 +32,7 @@ def results(tmp_path_factory):
 
 
 CASES = ["wan_ulysses_even", "wan_ring_even", "wan_ulysses_odd", "wan_ring_odd", "wan_auto_odd_checkpointing",
-         "wan_ring_one_token_per_rank", "dit_ulysses_odd", "dit_ring_even", "dit_ring_odd_sincos",
+         "wan_ring_one_token_per_rank", "wan_per_token_t_ulysses_odd", "wan_per_token_t_ring_odd", "dit_ulysses_odd", "dit_ring_even", "dit_ring_odd_sincos",
          "dit_ulysses_factorized_odd", "dit_ulysses_causal_odd", "hourglass_ulysses", "hourglass_ulysses_odd"]
 
 

@@ -141,8 +141,12 @@ def test_config_mismatch_and_broken_checkpoints_give_one_clear_error(reference, 
         WanModel.from_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         WanModel.from_pretrained(tmp_path / "missing")
-    with pytest.raises(ValueError, match="image-to-video"):
-        WanConfig.from_dict({**cfg, "image_dim": 1280, "added_kv_proj_dim": 5120})
+    with pytest.raises(ValueError, match="image_dim and added_kv_proj_dim go together"):
+        WanConfig.from_dict({**cfg, "image_dim": 1280})
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "image_dim": 1280, "added_kv_proj_dim": 32}))
+    weights.write_bytes((path / "diffusion_pytorch_model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="do not match the config"):  # an I2V config, T2V weights
+        WanModel.from_pretrained(tmp_path)
 
 
 # Wan2.1-T2V-1.3B-Diffusers and Wan2.1-T2V-14B-Diffusers, transformer/config.json

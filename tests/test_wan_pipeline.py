@@ -140,8 +140,8 @@ def test_wan_folder_defects(wan_folders, tmp_path):
     with pytest.raises(PipelineError, match="scheduler_config.json is not valid JSON"):
         load_pipeline(folder)
     index = json.loads((wan_folders["unipc"] / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanImageToVideoPipeline"}))
-    with pytest.raises(PipelineError, match="'WanImageToVideoPipeline'; dfm loads dfm model folders and"):
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanVACEPipeline"}))
+    with pytest.raises(PipelineError, match="'WanVACEPipeline'; dfm loads dfm model folders and"):
         load_pipeline(folder)
 
 
@@ -150,7 +150,7 @@ def test_wan_info_and_cli(wan_folders, tmp_path, capsys):
     text = capsys.readouterr().out
     reference = diffusers.WanTransformer3DModel.from_pretrained(str(wan_folders["unipc"] / "transformer"))
     n = sum(p.numel() for p in reference.parameters())
-    assert "diffusers Wan 2.1 folder" in text and f"({n:,})" in text
+    assert "diffusers Wan 2.1 folder" in text and f"({n:,})" in text and "layout                    T2V" in text
     assert "max_length 512" in text and "16 channels, temporal x4, spatial x8" in text
     assert "default sampler           flow:unipc" in text
     out = tmp_path / "wan.gif"

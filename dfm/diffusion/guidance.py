@@ -69,7 +69,8 @@ class CFGDenoiser:
     cond:          the positive conditioning (batch B)
     uncond:        the unconditional one (empty prompt / null label, batch B); needed unless a two-branch
                    `negative` takes its place, or w = 1
-    guidance_scale: w; w = 1 is the conditional model (one forward)
+    guidance_scale: w; w = 1 is the conditional model (one forward). Or a function sigma [B] -> w (a float or [B]):
+                   a scale per noise level (Wan 2.2's two experts, each with its own w)
     negative:      a negative prompt's conditioning (batch B): it replaces `uncond` (as in diffusers), or, with
                    `three_branch=True`, forms D_u + w (D_c - D_n) with uncond, cond and negative in one batch of 3B
     rescale:       phi of Lin et al. 2023 (0 = plain CFG), measured in `rescale_space`
@@ -111,8 +112,11 @@ class CFGDenoiser:
         B = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(B)  # [B] fp32
         active = (sigma > self.sigma_lo) & (sigma <= self.sigma_hi)  # [B] guidance interval
-        if self.scale == 1 or not bool(active.any()):
+        w = self.scale(sigma) if callable(self.scale) else self.scale  # a float, or [B] per sample
+        if (not torch.is_tensor(w) and w == 1) or not bool(active.any()):
             return self.model(x, sigma, **self.cond)  # one conditional forward of batch B
+        if torch.is_tensor(w):
+            w = append_dims(w.to(device=x.device, dtype=torch.float32), x.ndim)
 
         branches = self.branches()
         n = len(branches)
@@ -121,10 +125,10 @@ class CFGDenoiser:
         D_c = outs[-1]
         if self.three_branch:
             D_u, D_n = outs[0], outs[1]
-            guided = D_u + self.scale * (D_c - D_n)
+            guided = D_u + w * (D_c - D_n)
         else:
             D_u = outs[0]
-            guided = D_u + self.scale * (D_c - D_u)
+            guided = D_u + w * (D_c - D_u)
 
         if self.rescale != 0:
             guided = self._rescale(guided, D_c, x, sigma)

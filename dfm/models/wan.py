@@ -51,6 +51,7 @@ from .layers import (
     unpatchify,
 )
 from .rope import rope_3d
+from .wan_image import FAMILY_CONFIGS, ImageCrossAttention, ImageEmbedder
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -76,6 +77,9 @@ class WanConfig:
     qk_norm: str | None = "rms_norm_across_heads"
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
+    image_dim: int | None = None  # I2V / FLF2V: CLIP image features' width (dfm/models/wan_image.py)
+    added_kv_proj_dim: int | None = None  # I2V / FLF2V: the image context's width in the cross-attention
+    pos_embed_seq_len: int | None = None  # FLF2V: image tokens with a learned position table (2 x 257)
 
     @property
     def dim(self) -> int:
@@ -85,25 +89,27 @@ class WanConfig:
         """The config.json diffusers writes for this model."""
         d = dataclasses.asdict(self)
         d["patch_size"] = list(self.patch_size)
-        return {"_class_name": "WanTransformer3DModel", **d, "image_dim": None, "added_kv_proj_dim": None,
-                "pos_embed_seq_len": None}
+        return {"_class_name": "WanTransformer3DModel", **d}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "WanConfig":
         """Read a diffusers config.json or an original Wan config.json (dim, num_heads, in_dim, ...)."""
         d = {k: v for k, v in d.items() if not k.startswith("_")}
         if "num_heads" in d and "num_attention_heads" not in d:  # original Wan layout
-            if d.get("model_type", "t2v") != "t2v":
-                raise ValueError(f"{source}: model_type {d['model_type']!r} is not supported; WanModel is the text-to-video (t2v) model")
-            d = {"num_attention_heads": d["num_heads"], "attention_head_dim": d["dim"] // d["num_heads"],
+            kind = d.get("model_type", "t2v")
+            if kind not in ("t2v", "i2v", "flf2v", "ti2v"):
+                raise ValueError(f"{source}: model_type {kind!r} is not supported; WanModel runs t2v, i2v, flf2v, ti2v")
+            image = {"image_dim": 1280, "added_kv_proj_dim": d["dim"]} if kind in ("i2v", "flf2v") else {}
+            if kind == "flf2v":
+                image["pos_embed_seq_len"] = 2 * 257
+            d = {**image, "num_attention_heads": d["num_heads"], "attention_head_dim": d["dim"] // d["num_heads"],
                  "in_channels": d.get("in_dim", 16), "out_channels": d.get("out_dim", 16),
                  "text_dim": d.get("text_dim", 4096), "freq_dim": d.get("freq_dim", 256), "ffn_dim": d["ffn_dim"],
                  "num_layers": d["num_layers"], "eps": d.get("eps", 1e-6),
                  "patch_size": d.get("patch_size", (1, 2, 2)), "cross_attn_norm": d.get("cross_attn_norm", True)}
-        for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
-            if d.pop(key, None) is not None:
-                raise ValueError(f"{source}: {key} is set, which means an image-to-video / first-last-frame Wan "
-                                 "model; WanModel implements the text-to-video model only")
+        if (d.get("image_dim") is None) != (d.get("added_kv_proj_dim") is None):
+            raise ValueError(f"{source}: image_dim and added_kv_proj_dim go together (an image-conditioned Wan "
+                             "model has both); set both or neither")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
@@ -124,6 +130,7 @@ WAN_CONFIGS: dict[str, WanConfig] = {
     "1.3B": WanConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
     # Wan2.1-T2V-14B-Diffusers / transformer / config.json
     "14B": WanConfig(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+    **{name: WanConfig(**kw) for name, kw in FAMILY_CONFIGS.items()},  # I2V, FLF2V, Wan 2.2 (wan_image.py)
 }
 
 # the parameters that stay fp32 when the model is cast to bf16 (time path, modulation tables, norms), by name
@@ -142,22 +149,31 @@ class WanBlock(nn.Module):
         self.norm1 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.self_attn = SelfAttention(dim, cfg.num_attention_heads, qk_norm=True, eps=cfg.eps)
         self.norm2 = LayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else None
-        self.cross_attn = CrossAttention(dim, cfg.num_attention_heads, qk_norm=True, eps=cfg.eps)
+        self.cross_attn = (CrossAttention(dim, cfg.num_attention_heads, qk_norm=True, eps=cfg.eps)
+                           if cfg.added_kv_proj_dim is None else
+                           ImageCrossAttention(dim, cfg.num_attention_heads, cfg.added_kv_proj_dim, cfg.eps))
         self.norm3 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.ffn = MLP(dim, cfg.ffn_dim, act="gelu_tanh")
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)  # per-block table, fp32
 
-    def forward(self, x, context, t_mod, rope, context_mask=None):
-        """x [B, L, D] fp32 residual stream, context [B, Lc, D], t_mod [B, 6, D] fp32, rope [L, hd/2] -> [B, L, D]."""
+    def forward(self, x, context, t_mod, rope, context_mask=None, image_context=None):
+        """x [B, L, D] fp32 residual stream, context [B, Lc, D], t_mod [B, 6, D] (or per token [B, L, 6, D]) fp32,
+        rope [L, hd/2], image_context [B, N, D] (I2V) or None -> [B, L, D]."""
         dtype = self.ffn.fc1.weight.dtype
         # fp32 modulation: table + shared projection of the timestep
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + t_mod).chunk(6, dim=1)  # 6 x [B, 1, D]
+        shift1, scale1, gate1, shift2, scale2, gate2 = _chunk6(self.modulation.float() + t_mod)  # 6 x [B, 1 or L, D]
         h = modulate(self.norm1(x), shift1, scale1).to(dtype)
         x = gated_add(x, self.self_attn(h, rope), gate1)
         h = (x if self.norm2 is None else self.norm2(x)).to(dtype)
-        x = x + self.cross_attn(h, context, context_mask)
+        x = x + (self.cross_attn(h, context, context_mask) if image_context is None else
+                 self.cross_attn(h, context, context_mask, image_context))
         h = modulate(self.norm3(x), shift2, scale2).to(dtype)
         return gated_add(x, self.ffn(h), gate2)
+
+
+def _chunk6(m: torch.Tensor):
+    """[B, 6, D] -> 6 x [B, 1, D]; per-token [B, L, 6, D] -> 6 x [B, L, D]."""
+    return m.chunk(6, dim=1) if m.ndim == 3 else m.unbind(2)
 
 
 class WanModel(nn.Module):
@@ -174,6 +190,8 @@ class WanModel(nn.Module):
         self.text_embedder = MLP(cfg.text_dim, dim, dim, act="gelu_tanh")
         self.time_embedder = TimestepEmbedder(cfg.freq_dim, dim)
         self.time_proj = nn.Linear(dim, 6 * dim)
+        if cfg.image_dim is not None:
+            self.image_embedder = ImageEmbedder(cfg.image_dim, dim, cfg.pos_embed_seq_len)
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.norm_out = LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
@@ -183,9 +201,11 @@ class WanModel(nn.Module):
         self.register_state_dict_post_hook(_state_dict_hook)
         self.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask=None) -> torch.Tensor:
-        """x [B, C, F, H, W], t [B] (or scalar) on diffusers' 0..1000 scale (1000 = noise), context
-        [B, Lc, text_dim], context_mask [B, Lc] bool or None (Wan attends to all tokens, padding included)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask=None,
+                image_context=None) -> torch.Tensor:
+        """x [B, C, F, H, W], t [B] (or scalar; or per token [B, L] as Wan 2.2 TI2V) on diffusers' 0..1000 scale
+        (1000 = noise), context [B, Lc, text_dim], context_mask [B, Lc] bool or None (Wan attends to all tokens,
+        padding included), image_context [B, N, image_dim] CLIP features (I2V / FLF2V models only)
         -> velocity [B, C_out, F, H, W] in x's dtype."""
         cfg = self.config
         B = x.shape[0]
@@ -194,18 +214,37 @@ class WanModel(nn.Module):
         rope = rope_3d(grid, cfg.attention_head_dim, device=x.device)  # [L, hd/2] complex64, fp32
         h = self.patch_embedding(x).float()  # [B, L, D] fp32 residual stream
         # fp32 time path: t is never rounded to bf16
-        t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(B)  # [B]
-        temb = self.time_embedder(t)  # [B, D]
-        t_mod = linear_fp32(F.silu(temb), self.time_proj.weight, self.time_proj.bias)  # [B, 6D]
-        t_mod = t_mod.unflatten(1, (6, cfg.dim))  # [B, 6, D]
+        t = torch.as_tensor(t, device=x.device).float()
+        t = t.reshape(-1).expand(B) if t.ndim < 2 else t  # [B], or [B, L] per token
+        temb = self.time_embedder(t.flatten()).unflatten(0, t.shape)  # [B, D] or [B, L, D]
+        t_mod = linear_fp32(F.silu(temb), self.time_proj.weight, self.time_proj.bias)  # [B, (L,) 6D]
+        t_mod = t_mod.unflatten(-1, (6, cfg.dim))  # [B, 6, D] or [B, L, 6, D]
         ctx = self.text_embedder(context.to(dtype))  # [B, Lc, D]
+        img = self._image_context(image_context)  # [B, N, D] or None
+        extra = {} if img is None else {"image_context": img}
         cp = self.context_parallel
-        h = h if cp is None else cp.shard(h)  # [B, L/N, D] this rank's tokens (rope stays the full table)
-        h = run_blocks(self.blocks, h, ctx, t_mod, rope, context_mask, checkpointing=self.gradient_checkpointing)
-        shift, scale = (self.modulation_out.float() + temb[:, None, :]).chunk(2, dim=1)  # 2 x [B, 1, D], fp32
+        if cp is not None:  # this rank's tokens (rope stays the full table); per-token modulation follows them
+            h = cp.shard(h)  # [B, L/N, D]
+            t_mod = t_mod if t_mod.ndim == 3 else cp.shard(t_mod)  # [B, L/N, 6, D]
+            temb = temb if temb.ndim == 2 else cp.shard(temb)  # [B, L/N, D]
+        h = run_blocks(self.blocks, h, ctx, t_mod, rope, context_mask, checkpointing=self.gradient_checkpointing,
+                       **extra)
+        out_mod = self.modulation_out.float() + (temb[:, None, :] if temb.ndim == 2 else temb[:, :, None, :])
+        shift, scale = out_mod.chunk(2, dim=1) if temb.ndim == 2 else out_mod.unbind(2)  # 2 x [B, 1 or L, D] fp32
         out = self.proj_out(modulate(self.norm_out(h), shift, scale).to(dtype))  # [B, L, pt*ph*pw*C]
         out = out if cp is None else cp.gather(out, rope.shape[0])  # [B, L, pt*ph*pw*C] every rank's tokens
         return unpatchify(out, cfg.patch_size, grid).to(x.dtype)  # [B, C, F, H, W]
+
+    def _image_context(self, image_context):
+        """CLIP features [B, N, image_dim] -> embedded [B, N, D]; None for a text-to-video model."""
+        if self.config.image_dim is None:
+            if image_context is not None:
+                raise ValueError("this Wan model has no image cross-attention (image_dim is None); it takes no "
+                                 "image_context")
+            return None
+        if image_context is None:
+            raise ValueError("this Wan model is image-conditioned (image_dim set): pass image_context")
+        return self.image_embedder(image_context.to(self.proj_out.weight.dtype))
 
     # -------------------------------------------------------------------------------------------- helpers
 
@@ -242,6 +281,9 @@ _DFM_TO_DIFFUSERS_TOP = [
     ("time_embedder.fc2.", "condition_embedder.time_embedder.linear_2."),
     ("time_proj.", "condition_embedder.time_proj."),
     ("modulation_out", "scale_shift_table"),
+    ("image_embedder.fc1.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    ("image_embedder.fc2.", "condition_embedder.image_embedder.ff.net.2."),
+    ("image_embedder.", "condition_embedder.image_embedder."),  # norm1, norm2, pos_embed
 ]
 _DFM_TO_DIFFUSERS_BLOCK = [
     ("self_attn.norm_q.", "attn1.norm_q."),
@@ -251,13 +293,15 @@ _DFM_TO_DIFFUSERS_BLOCK = [
     ("cross_attn.norm_q.", "attn2.norm_q."),
     ("cross_attn.norm_k.", "attn2.norm_k."),
     ("cross_attn.out.", "attn2.to_out.0."),
+    ("cross_attn.norm_added_k.", "attn2.norm_added_k."),
     ("ffn.fc1.", "ffn.net.0.proj."),
     ("ffn.fc2.", "ffn.net.2."),
     ("modulation", "scale_shift_table"),
 ]
 # fused dfm projection -> the diffusers projections it concatenates (along the output dimension)
 _FUSED = {"self_attn.qkv.": ("attn1.to_q.", "attn1.to_k.", "attn1.to_v."),
-          "cross_attn.kv.": ("attn2.to_k.", "attn2.to_v.")}
+          "cross_attn.kv.": ("attn2.to_k.", "attn2.to_v."),
+          "cross_attn.add_kv.": ("attn2.add_k_proj.", "attn2.add_v_proj.")}
 
 _ORIGINAL_TO_DIFFUSERS_TOP = [
     ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
@@ -267,6 +311,11 @@ _ORIGINAL_TO_DIFFUSERS_TOP = [
     ("time_projection.1.", "condition_embedder.time_proj."),
     ("head.head.", "proj_out."),
     ("head.modulation", "scale_shift_table"),
+    ("img_emb.proj.0.", "condition_embedder.image_embedder.norm1."),
+    ("img_emb.proj.1.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    ("img_emb.proj.3.", "condition_embedder.image_embedder.ff.net.2."),
+    ("img_emb.proj.4.", "condition_embedder.image_embedder.norm2."),
+    ("img_emb.emb_pos", "condition_embedder.image_embedder.pos_embed"),
 ]
 _ORIGINAL_TO_DIFFUSERS_BLOCK = [
     *[(f"self_attn.{a}.", f"attn1.to_{a}.") for a in "qkv"],
@@ -277,6 +326,9 @@ _ORIGINAL_TO_DIFFUSERS_BLOCK = [
     ("cross_attn.o.", "attn2.to_out.0."),
     ("cross_attn.norm_q.", "attn2.norm_q."),
     ("cross_attn.norm_k.", "attn2.norm_k."),
+    ("cross_attn.k_img.", "attn2.add_k_proj."),
+    ("cross_attn.v_img.", "attn2.add_v_proj."),
+    ("cross_attn.norm_k_img.", "attn2.norm_added_k."),
     ("norm3.", "norm2."),  # the original names the cross-attention norm norm3 (and the FFN norm norm2)
     ("ffn.0.", "ffn.net.0.proj."),
     ("ffn.2.", "ffn.net.2."),
@@ -430,6 +482,9 @@ def infer_config(sd: dict) -> WanConfig:
     try:
         w = sd["patch_embedding.weight"]  # [D, C, pt, ph, pw]
         dim, patch = w.shape[0], tuple(w.shape[2:])
+        img = sd.get("condition_embedder.image_embedder.norm1.weight")
+        pos = sd.get("condition_embedder.image_embedder.pos_embed")
+        add_k = sd.get("blocks.0.attn2.add_k_proj.weight")
         return WanConfig(
             patch_size=patch, num_attention_heads=dim // 128, attention_head_dim=128, in_channels=w.shape[1],
             out_channels=sd["proj_out.weight"].shape[0] // math.prod(patch),
@@ -437,7 +492,9 @@ def infer_config(sd: dict) -> WanConfig:
             freq_dim=sd["condition_embedder.time_embedder.linear_1.weight"].shape[1],
             ffn_dim=sd["blocks.0.ffn.net.0.proj.weight"].shape[0],
             num_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
-            cross_attn_norm="blocks.0.norm2.weight" in sd)
+            cross_attn_norm="blocks.0.norm2.weight" in sd, image_dim=None if img is None else img.shape[0],
+            added_kv_proj_dim=None if add_k is None else add_k.shape[1],
+            pos_embed_seq_len=None if pos is None else pos.shape[1])
     except KeyError as e:
         raise CheckpointError(f"cannot infer a WAN config: the weights have no {e}; pass config=...") from e
 
@@ -451,8 +508,9 @@ def _check_against_model(sd: dict, expected: dict, source: str, config_source: s
         return
     image_keys = [k for k in unexpected if "img" in k or "add_k_proj" in k or "image_embedder" in k]
     if image_keys:
-        raise CheckpointError(f"{source} is an image-to-video Wan checkpoint (keys like {image_keys[0]}); "
-                              "WanModel implements the text-to-video model only")
+        raise CheckpointError(f"{source} is an image-to-video Wan checkpoint (keys like {image_keys[0]}) but the "
+                              f"config from {config_source} has no image_dim / added_kv_proj_dim; use the "
+                              "config.json that came with these weights")
     parts = []
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")

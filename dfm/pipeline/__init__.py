@@ -47,6 +47,10 @@ Wan and diffusers feed the transformer integer timesteps (int(1000 s)) under Uni
 the solver uses the exact s; such folders do the same. The text encoder attends to the real tokens and the
 transformer to all 512 (zero-padded) tokens.
 
+The rest of the Wan family (2.1 I2V and FLF2V, 2.2 A14B two experts, TI2V-5B) loads from its diffusers folders
+through `wan_family.py`, which registers itself in folders.FAMILY_LOADERS; `Pipeline.generate(..., image=,
+last_image=, guidance_scale_2=)` takes its inputs (see that module's docstring).
+
 Prompts longer than the text encoder's max_length are an error (the message gives the token count and the limit),
 not a silent truncation: a cut-off prompt changes what is asked for.
 
@@ -71,6 +75,7 @@ from dfm.pipeline.folders import (
     save_pipeline,
     wan_scheduler_settings,
 )
+from dfm.pipeline import wan_family  # noqa: F401  registers the Wan I2V / FLF2V / 2.2 folder layouts
 from dfm.pipeline.commands import add_commands  # dfm.cli registers generate / info / export through it
 
 __all__ = [

@@ -13,6 +13,7 @@ from dfm.errors import first_line
 from dfm.pipeline.folders import DEFAULT_MODEL, describe, export_checkpoint, load_pipeline
 from dfm.pipeline.lora import check_lora_files, describe_lora, parse_lora_arg
 from dfm.pipeline.pipeline import GRID_NAMES, PipelineError, check_seed
+from dfm.pipeline.wan_family import check_folder_inputs, read_image
 from dfm.video import write_contact_sheet, write_video
 
 
@@ -102,8 +103,12 @@ def cmd_generate(args) -> int:
             check_output(target, "--out")
     else:
         check_output(Path("outputs") / "video.mp4", "the default output folder")
+    images = {k: read_image(v, f"--{k.replace('_', '-')}") for k, v in (("image", args.image),
+                                                                         ("last_image", args.last_image)) if v}
+    model = model_path(args.model)
+    check_folder_inputs(model, images.get("image"), images.get("last_image"), args.guidance_2)  # before loading
     check_lora_files(p for p, _ in args.lora)
-    pipe = load_pipeline(model_path(args.model), device=device, dtype=dtype, context_parallel=args.context_parallel,
+    pipe = load_pipeline(model, device=device, dtype=dtype, context_parallel=args.context_parallel,
                          context_parallel_mode=args.context_parallel_mode)
     for path, scale in args.lora:  # stacked, in the order given
         pipe.load_lora(path, scale)
@@ -116,7 +121,7 @@ def cmd_generate(args) -> int:
                         width=args.width, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
                         shift=args.shift, seed=args.seed, progress=not args.no_progress,
                         guidance_rescale=args.guidance_rescale, guidance_interval=args.guidance_interval,
-                        grid=args.grid)
+                        grid=args.grid, guidance_scale_2=args.guidance_2, **images)
     if args.context_parallel != 1:  # every rank made the same videos: rank 0 writes them
         from dfm.pipeline.context_parallel import is_writer, leave_launch
 
@@ -232,6 +237,10 @@ def add_commands(sub) -> None:
     p.add_argument("--lora", action="append", default=[], type=parse_lora_arg, metavar="PATH[:SCALE]",
                    help="add a LoRA file (diffusers/PEFT, original Wan/ComfyUI or kohya keys) with SCALE (default 1); "
                         "repeat to stack several")
+    p.add_argument("--image", default=None, metavar="PATH", help="first frame (Wan I2V / FLF2V / 2.2 folders)")
+    p.add_argument("--last-image", default=None, metavar="PATH", help="last frame (Wan FLF2V folders)")
+    p.add_argument("--guidance-2", type=float, default=None, metavar="W",
+                   help="guidance of the low-noise expert (Wan 2.2 A14B; default the folder's)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="describe a model folder or a trainer checkpoint",

@@ -46,6 +46,7 @@ WAN_NEGATIVE_PROMPT = (
 WAN_DEFAULTS = {"num_frames": 81, "height": 480, "width": 832, "fps": 16.0, "steps": 50, "sampler": "flow:unipc",
                 "guidance_scale": 5.0, "shift": 5.0, "negative_prompt": WAN_NEGATIVE_PROMPT}
 WAN_TEXT_LENGTH = 512  # UMT5 tokens (diffusers' max_sequence_length)
+FAMILY_LOADERS: list = []  # (claims(path, index), load(path, index, device, dtype), info lines): pipeline/wan_family.py
 
 
 # ======================================================================================== transformer I/O
@@ -157,11 +158,14 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
     index = _read_json(path / "model_index.json", "export the model again or download the folder again")
     if index.get("format") == "dfm":
         return _load_dfm_folder(path, index, device, dtype)
+    for claims, load, _ in FAMILY_LOADERS:  # Wan I2V / FLF2V / 2.2 layouts
+        if claims(path, index):
+            return load(path, index, device, dtype)
     if index.get("_class_name") == "WanPipeline":
         return _load_wan_folder(path, index, device, dtype)
     name = index.get("_class_name", index.get("format"))
     raise PipelineError(f"{path}/model_index.json describes {name!r}; dfm loads dfm model folders and diffusers "
-                        f"WanPipeline (Wan 2.1 text-to-video) folders")
+                        f"Wan folders (WanPipeline, WanImageToVideoPipeline)")
 
 
 def _load_vae(folder: Path, what: str):
@@ -535,22 +539,27 @@ def describe(path: str | Path) -> str:
                          f"{text.get('max_length')}, null {t.get('null')}, mask {'on' if t.get('mask') else 'off'}")
             add("path", f"{path} (dfm model folder)")
             add("source", json.dumps(index.get("source", {})))
-        elif index.get("_class_name") == "WanPipeline":
+        elif index.get("_class_name") in ("WanPipeline", "WanImageToVideoPipeline"):
             arch, paradigm = "wan", "flow"
             diffusion, defaults, options = wan_scheduler_settings(path)
             text = _read_json(path / "text_encoder" / "config.json", again)
             text_line = (f"{text.get('model_type')} ({(text.get('architectures') or ['?'])[0]}), dim "
                          f"{text.get('d_model')}, max_length {WAN_TEXT_LENGTH}, zero-padded, no mask in the "
                          f"transformer")
-            add("path", f"{path} (diffusers Wan 2.1 folder, WanPipeline)")
+            info = next((info for claims, _, info in FAMILY_LOADERS if claims(path, index)), None)
+            family, extra = info(index, path) if info else ([("layout", "T2V (Wan 2.1 text-to-video)")], {})
+            add("path", f"{path} (diffusers Wan {'' if info else '2.1 '}folder, {index['_class_name']})")
+            for k, v in family:
+                add(k, v)
+            defaults.update(extra)
             if options:
                 add("sampler options", json.dumps(options))
         else:
             raise PipelineError(f"{path}/model_index.json describes {index.get('_class_name')!r}; not a dfm or "
                                 f"Wan 2.1 folder")
         tcfg = _read_json(path / "transformer" / "config.json", again)
-        parts = {"transformer": _count(path / "transformer"), "text_encoder": _count(path / "text_encoder"),
-                 "vae": _count(path / "vae")}
+        parts = {name: _count(path / name) for name in ("transformer", "transformer_2", "text_encoder", "vae",
+                                                         "image_encoder") if (path / name).is_dir()}
         vae = _load_vae(path / "vae", again)
     else:
         ckpt = find_checkpoint(path)

@@ -125,6 +125,7 @@ class Pipeline:
         self.device, self.dtype = torch.device(device), dtype
         self.source, self.config_yaml = dict(source or {}), config_yaml
         self.sampler_options = dict(sampler_options or {})  # {"flow:unipc": {"order": 2, ...}}: a recipe's options
+        self.conditioner = None  # image inputs and experts of the Wan family (dfm/pipeline/wan_family.py)
 
     @property
     def transformer(self) -> nn.Module:
@@ -328,13 +329,28 @@ class Pipeline:
         guided = 2 if settings["guidance_scale"] != 1 else 1
         return 1 if params * tokens * batch * guided < SMALL_WORK else None
 
+    def _image_inputs(self, image, last_image, guidance_scale_2, n: int, s: dict):
+        """(cond tensors of both branches, latents -> latents or None, guidance scale or per-step function)."""
+        c = self.conditioner
+        if c is None:
+            given = [k for k, v in (("image", image), ("last_image", last_image),
+                                    ("guidance_scale_2", guidance_scale_2)) if v is not None]
+            if given:
+                raise PipelineError(f"this is a text-to-video model with one transformer: it takes no {given[0]}; "
+                                    f"use a Wan image-to-video or Wan 2.2 folder")
+            return {}, None, s["guidance_scale"]
+        c.check(image, last_image, guidance_scale_2)
+        scale = c.guidance(s["guidance_scale"], guidance_scale_2)
+        extra, finish = c.prepare(image, last_image, n, s["num_frames"], s["height"], s["width"], self.device)
+        return extra, finish, scale
+
     # ---------------------------------------------------------------------------------------- generate
 
     @torch.no_grad()
     def generate(self, prompts: str | list[str], negative_prompt=None, num_frames=None, height=None, width=None,
                  steps=None, sampler=None, guidance_scale=None, shift=None, seed=None, seeds=None, progress=True,
                  callback=None, sampler_options: dict | None = None, guidance_rescale=None, guidance_interval=None,
-                 grid: str | None = None) -> Generation:
+                 grid: str | None = None, image=None, last_image=None, guidance_scale_2=None) -> Generation:
         """Videos for `prompts` (None arguments take `self.defaults`); the steps are listed in dfm/pipeline/__init__.py.
 
         seeds: one per prompt (a single prompt with several seeds gives several videos); default seed, seed + 1, ...
@@ -346,6 +362,9 @@ class Pipeline:
         2024). grid: a sampling grid name (dfm.diffusion.schedules.GRIDS; "logsnr" is the few-step grid).
         callback(info): once per step with the sampler's dict ('x', 'i', 'denoised', ...) plus 'steps'.
         sampler_options: keyword options of the sampler (default: the recipe's, `self.sampler_options`).
+        image / last_image: the first / last frame (Wan I2V, FLF2V, 2.2 folders): a PIL image, a path or a
+        [3, H, W] tensor in [-1, 1], one for all prompts or one per prompt. guidance_scale_2: the low-noise
+        expert's scale (Wan 2.2 A14B; default the folder's).
         """
         start = time.perf_counter()
         negative = self.defaults["negative_prompt"] if negative_prompt is None else negative_prompt
@@ -353,8 +372,13 @@ class Pipeline:
                           guidance_interval, grid, shift, sampler_options)
         prompts, negative, seeds = self._prompts(prompts, negative, seed, seeds)
         guidance, grid_ = s["guidance_scale"], s["grid"]
+        extra, finish, scale = self._image_inputs(image, last_image, guidance_scale_2, len(prompts), s)
 
-        cond, uncond = guidance_branches(self.encode, prompts, negative, self.null, self.use_mask, guidance)
+        cond, uncond = guidance_branches(self.encode, prompts, negative, self.null, self.use_mask,
+                                         0.0 if callable(scale) else scale)  # a per-expert w needs uncond
+        for branch in (cond, uncond) if extra else ():
+            if branch is not None:
+                branch.update(extra)  # image tensors: the same in both branches
         for branch in (cond, uncond):
             if branch is not None:
                 self._check_finite(branch["context"], "text encoding")
@@ -373,13 +397,14 @@ class Pipeline:
 
         try:
             latents, nfe = guided_sample(self.denoise, noise, grid_, s["sampler"], cond=cond, uncond=uncond,
-                                         guidance_scale=guidance, generators=generators, callback=on_step,
+                                         guidance_scale=scale, generators=generators, callback=on_step,
                                          rescale=s["guidance_rescale"], interval=s["interval_sigmas"],
                                          rescale_space="flow" if self.paradigm == "flow" else "x0")
         finally:
             if bar is not None:
                 bar.close()
         self._check_finite(latents, "sampling")
+        latents = finish(latents) if finish is not None else latents
         with torch.autocast(self.device.type, enabled=False):
             videos = self.vae.decode(latents.float()).float()  # [B, 3, F, H, W]
         self._check_finite(videos, "VAE decoding")
