@@ -72,6 +72,7 @@ from dfm.pipeline.folders import (
     wan_scheduler_settings,
 )
 from dfm.pipeline import wan_family  # noqa: F401  registers the Wan I2V / FLF2V / 2.2 folder layouts
+from dfm.pipeline import conditioned  # noqa: F401  registers image-to-video of dfm's own conditioned models
 from dfm.pipeline.commands import add_commands  # dfm.cli registers generate / info / export through it
 
 __all__ = [

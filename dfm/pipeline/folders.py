@@ -22,6 +22,7 @@ from torch import nn
 from dfm import distributed as D
 from dfm.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from dfm.diffusion.samplers import SPACES, resolve_sampler
+from dfm.conditioning import ConditioningConfig, in_channels
 from dfm.errors import UserError, first_line
 from dfm.io import save_safetensors
 from dfm.model import (DiffusionModule, ModelRecipe, backbone_config, build_autoencoder, build_backbone,
@@ -45,6 +46,7 @@ WAN_NEGATIVE_PROMPT = (
 WAN_DEFAULTS = {"num_frames": 81, "height": 480, "width": 832, "fps": 16.0, "steps": 50, "sampler": "flow:unipc",
                 "guidance_scale": 5.0, "shift": 5.0, "negative_prompt": WAN_NEGATIVE_PROMPT}
 WAN_TEXT_LENGTH = 512  # UMT5 tokens (diffusers' max_sequence_length)
+CONDITIONERS: list = []  # (attach(pipe, conditioning), model_index entry(pipe)): pipeline/conditioned.py
 FAMILY_LOADERS: list = []  # (claims(path, index), load(path, index, device, dtype), info lines): pipeline/wan_family.py
 
 
@@ -183,13 +185,13 @@ def _load_text(folder: Path, what: str, tokenizer: Path | None = None, max_lengt
         raise PipelineError(f"{folder} holds no readable text encoder ({first_line(e)}); {what}") from None
 
 
-def _check_fit(path: Path, net: nn.Module, text, vae) -> None:
+def _check_fit(path: Path, net: nn.Module, text, vae, channels: int | None = None) -> None:
     cfg = net.config
     width = getattr(cfg, "text_dim", None) or getattr(cfg, "context_dim", None)
     if width is not None and width != text.dim:
         raise PipelineError(f"{path}: the transformer reads text of width {width} but the text encoder gives "
                             f"{text.dim}; the folder mixes models")
-    if cfg.in_channels != vae.channels:
+    if cfg.in_channels != (channels or vae.channels):
         raise PipelineError(f"{path}: the transformer takes {cfg.in_channels} latent channels but the VAE has "
                             f"{vae.channels}; the folder mixes models")
 
@@ -208,13 +210,21 @@ def _load_dfm_folder(path: Path, index: dict, device, dtype) -> Pipeline:
     t = index.get("text", {})
     text = _load_text(path / "text_encoder", again, max_length=t.get("max_length"), device=device)
     vae = _load_vae(path / "vae", again)
-    _check_fit(path, net, text, vae)
+    cond = index.get("conditioning") or {}
+    _check_fit(path, net, text, vae, in_channels(ConditioningConfig(cond.get("mode", "none")), vae.channels,
+                                                 getattr(vae, "temporal_factor", 1)))
     module = _diffusion_module(net, text, paradigm, diffusion, t.get("null", "empty"))
     config_yaml = (path / "config.yaml").read_text() if (path / "config.yaml").is_file() else None
-    return Pipeline(module.to(device), text, vae.to(device), arch=arch, paradigm=paradigm, diffusion=diffusion,
+    return _conditioned(cond or None, Pipeline(module.to(device), text, vae.to(device), arch=arch, paradigm=paradigm, diffusion=diffusion,
                     defaults=defaults, null=t.get("null", "empty"), use_mask=bool(t.get("mask", True)), kind="dfm",
                     device=device, dtype=dtype, source={**index.get("source", {}), "folder": str(path)},
-                    config_yaml=config_yaml)
+                    config_yaml=config_yaml))
+
+
+def _conditioned(conditioning, pipe: Pipeline) -> Pipeline:
+    for attach, _ in CONDITIONERS:  # an image-conditioned model (dfm.conditioning): pipe.conditioner
+        attach(pipe, conditioning)
+    return pipe
 
 
 WAN_SCHEDULERS = {  # diffusers class -> (grid, default sampler, integer timesteps)
@@ -338,8 +348,9 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
     r, text, vae = trained.recipe, trained.text, trained.vae
     diffusion, defaults = _checkpoint_recipe(trained, **overrides)
     small = isinstance(text, SmallTextEncoder)  # else a frozen encoder, outside the trained module
-    net = build_backbone(r.model, vae.channels, text.dim)
-    module = DiffusionModule(net, text if small else None, r.diffusion, r.text.null)
+    net = build_backbone(r.model, vae.channels, text.dim,
+                         in_channels(r.conditioning, vae.channels, getattr(vae, "temporal_factor", 1)))
+    module = DiffusionModule(net, text if small else None, r.diffusion, r.text.null, r.conditioning)
     ckpt = load_checkpoint(path)
     use_ema = ema and ckpt["ema"] is not None
     try:
@@ -350,10 +361,10 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
         net.cast(dtype)
     source = {"checkpoint": str(path), "step": int(ckpt["step"]), "weights": "ema" if use_ema else "model"}
     frozen = FrozenSmallTextEncoder(text, f"{path}/text.json") if small else text
-    return Pipeline(module.eval().to(device), frozen, vae.eval().to(device), arch=r.model.arch,
+    return _conditioned(r.conditioning, Pipeline(module.eval().to(device), frozen, vae.eval().to(device), arch=r.model.arch,
                     paradigm=r.diffusion.paradigm, diffusion=diffusion, defaults=defaults, null=r.text.null,
                     use_mask=True, kind="dfm", device=device, dtype=dtype, source=source,
-                    config_yaml=trained.config_yaml)
+                    config_yaml=trained.config_yaml))
 
 
 EXPORTED = {"dfm": {"model_index.json", "config.yaml", "transformer", "text_encoder", "vae"},  # what export writes
@@ -446,7 +457,8 @@ def save_pipeline(pipe: Pipeline, folder: str | Path, overwrite: bool = False) -
         index = {"format": "dfm", "version": FORMAT_VERSION, "arch": pipe.arch, "paradigm": pipe.paradigm,
                  "diffusion": pipe.diffusion, "text": {"null": pipe.null, "mask": pipe.use_mask,
                                                        "max_length": int(pipe.text.max_length)},
-                 "defaults": pipe.defaults, "source": pipe.source}
+                 "defaults": pipe.defaults, "source": pipe.source, **{k: v for _, entry in CONDITIONERS
+                                                                       for k, v in entry(pipe).items()}}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     return _write_folder(folder, fill)

@@ -27,6 +27,7 @@ class DataConfig:
     colors: Optional[list[str]] = None
     bounce: bool = False
     length: int = 10_000  # items per epoch
+    captions: Literal["template", "paraphrase"] = "template"  # paraphrase: dfm.data.captions' training templates
     # folder (dfm.data.VideoFolder)
     root: Optional[str] = None
     buckets: Optional[list[list[int]]] = None  # [[H, W], ...] aspect buckets (each video to the nearest); None: size x size
