@@ -12,6 +12,8 @@ from dfm.checkpoint import latest_checkpoint, load_checkpoint
 from dfm.conditioning import ConditioningConfig, frame_flow_loss, frame_mask, token_timesteps
 from dfm.config import ConfigError
 from dfm.data import MovingDigits
+from dfm.data.digits import parse_caption
+from dfm.evaluate import eval_prompts
 from dfm.data.captions import DIRECTION_PHRASES, NUMBER_WORDS, TEMPLATES, all_paraphrases, paraphrase_for
 from dfm.diffusion.flow import TimestepSampler, flow_loss
 from dfm.pipeline import load_pipeline, save_pipeline
@@ -211,3 +213,34 @@ def test_concat_model_takes_mask_and_image_channels(tmp_path):
     again = load_pipeline(save_pipeline(pipe, tmp_path / "model"))
     assert torch.equal(again.generate("the digit 3 moves up", image=image, steps=2, seed=0,
                                       progress=False).videos, with_image.videos)
+
+
+# ---------------------------------------------------------------------------------------------- dfm eval --image
+
+
+def test_image_eval_reference_is_the_ceiling_and_a_model_scores(frame_run, tmp_path):
+    from dfm.evaluate_image import evaluate_image, heldout_prompts, psnr
+
+    ref = evaluate_image(None, num=8, reference=True)
+    assert ref["first_frame_psnr"] == 100.0 and ref["direction_accuracy"] == 1.0 and ref["identity"] >= 0.75
+    x = torch.zeros(3, 4, 4)
+    assert psnr(x, x + 0.2) == pytest.approx(10 * np.log10(1 / 0.01))  # 0.2 in [-1, 1] is 0.1 in [0, 1]
+    pipe = pipeline_from_checkpoint(frame_run)  # 3 frames of 8x8, two training steps
+    pipe.defaults.update(steps=2)
+    got = evaluate_image(pipe, num=2, batch_size=2)
+    assert got["first_frame_psnr"] > 40  # the given frame comes back (up to the PNG rounding)
+    assert 0 <= got["identity"] <= 1 and len(got["videos"]) == 2
+    items = heldout_prompts(6)
+    for it in items:  # none is a template caption (the grammar dfm eval parses)
+        with pytest.raises(ValueError):
+            parse_caption(it["prompt"])
+    assert [(it["digit"], it["direction"]) for it in items] == [(it["digit"], it["direction"]) for it in eval_prompts(6)]
+
+
+def test_dfm_eval_image_and_heldout_flags(tmp_path, capsys):
+    from dfm import cli
+
+    assert cli.main(["eval", "--reference", "--image", "--num", "4"]) == 0
+    assert "first_frame_psnr" in capsys.readouterr().out
+    assert cli.main(["eval", "--reference", "--captions", "heldout", "--num", "4"]) == 2
+    assert "use --model" in capsys.readouterr().err
