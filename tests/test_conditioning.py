@@ -244,3 +244,33 @@ def test_dfm_eval_image_and_heldout_flags(tmp_path, capsys):
     assert "first_frame_psnr" in capsys.readouterr().out
     assert cli.main(["eval", "--reference", "--captions", "heldout", "--num", "4"]) == 2
     assert "use --model" in capsys.readouterr().err
+
+
+def test_concat_trains_and_conditions_a_dit_with_edm(tmp_path):
+    """concat needs no per-token noise levels: the DiT and EDM take it as extra input channels."""
+    cfg = tiny(tmp_path, "ditedm", "train.max_steps=2", "conditioning.mode=concat", "conditioning.probability=1",
+               "diffusion.paradigm=edm", "data.num_frames=3",
+               model={"arch": "dit", "overrides": {"dim": 32, "heads": 2, "freq_dim": 32, "depth": 1}})
+    train(cfg)
+    pipe = pipeline_from_checkpoint(tmp_path / "ditedm")
+    assert pipe.transformer.config.in_channels == 7
+    image = torch.rand(3, 8, 8) * 2 - 1
+    a = pipe.generate("the digit 3 moves up", image=image, steps=2, seed=0, progress=False).videos
+    b = pipe.generate("the digit 3 moves up", image=-image, steps=2, seed=0, progress=False).videos
+    assert torch.isfinite(a).all() and not torch.allclose(a, b)
+
+
+def test_last_frame_is_given_too_with_last():
+    x0 = torch.randn(2, 2, 4, 1, 1)
+    seen = {}
+
+    def velocity(x, t, given=None):
+        seen["given"] = given
+        out = torch.zeros_like(x)
+        out[:, :, [0, -1]] = 1e3  # whatever the model says on the given frames
+        return out
+
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    loss = frame_flow_loss(velocity, x0, torch.tensor([True, False]), last=True, generator=gens)
+    assert seen["given"].tolist() == [[True, False, False, True], [False] * 4]
+    assert loss[0] < 100 < loss[1]  # the given frames carry no loss; the unconditioned sample's do
