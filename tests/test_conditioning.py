@@ -274,3 +274,24 @@ def test_last_frame_is_given_too_with_last():
     loss = frame_flow_loss(velocity, x0, torch.tensor([True, False]), last=True, generator=gens)
     assert seen["given"].tolist() == [[True, False, False, True], [False] * 4]
     assert loss[0] < 100 < loss[1]  # the given frames carry no loss; the unconditioned sample's do
+
+
+def test_warm_start_copies_the_folder_and_grows_the_vocabulary_by_word(frame_run, tmp_path):
+    from dfm.training.warm_start import load_into
+
+    folder = save_pipeline(pipeline_from_checkpoint(frame_run), tmp_path / "model")
+    cfg = tiny(tmp_path, "warm", "conditioning.mode=frame", "data.num_frames=3", "data.captions=paraphrase")
+    trainer = Trainer(cfg)
+    found = load_into(trainer.module, folder, "wan")
+    old = load_pipeline(folder)
+    assert "seven" in found["new_words"] and "digit" not in found["new_words"]
+    new_sd, old_sd = trainer.module.net.state_dict(), old.transformer.state_dict()
+    assert all(torch.equal(new_sd[k], old_sd[k]) for k in old_sd)
+    from dfm.text import SmallTextEncoder
+
+    text, old_text = trainer.module.text, SmallTextEncoder.from_pretrained(folder / "text_encoder")
+    for word in ("digit", "moves", "up"):
+        assert torch.equal(text.embed.weight[text.tokenizer.index[word]], old_text.embed.weight[old_text.tokenizer.index[word]])
+    ids, mask = old_text.tokenizer(["the digit 3 moves up"], 16)
+    new_ids, new_mask = text.tokenizer(["the digit 3 moves up"], 16)
+    assert torch.allclose(text(new_ids, new_mask), old_text(ids, mask))  # a caption of known words reads the same
