@@ -31,8 +31,8 @@ from dfm.training.runs import run_dir_of
 
 
 # modules that define `add_commands(subparsers)`; one module per command family keeps this file small
-COMMAND_MODULES = ("dfm.pipeline", "dfm.evaluate", "dfm.evaluate_ink", "dfm.preprocess", "dfm.training.vae_trainer",
-                   "dfm.serve")
+COMMAND_MODULES = ("dfm.pipeline", "dfm.evaluate", "dfm.evaluate_ink", "dfm.evaluate_image", "dfm.preprocess",
+                   "dfm.training.vae_trainer", "dfm.serve")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -400,7 +400,7 @@ def evaluate(pipeline, prompts: Optional[Sequence[str]] = None, num_videos: int 
     if prompts is None:
         expected = eval_prompts(num_videos, colors, seed)
     else:
-        expected = [expected_from_prompt(p) for p in prompts]
+        expected = [dict(p) if isinstance(p, dict) else expected_from_prompt(p) for p in prompts]  # dicts: known truth
     if not expected:
         raise EvalError("no prompts to evaluate; pass at least one Moving Digits caption")
     batch_size = max(1, int(batch_size))

@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 
 from dfm.config import ConfigError, from_dict, load_yaml, upgrade
+from dfm.conditioning import ConditioningConfig, Conditioned, frame_flow_loss
 from dfm.errors import first_line
 from dfm.diffusion.edm import EDMPrecond, edm_loss
 from dfm.diffusion.flow import TimestepSampler, flow_loss
@@ -140,6 +141,7 @@ class ModelRecipe:
     text: TextConfig = field(default_factory=TextConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)  # image-to-video (dfm.conditioning)
 
     # keys of earlier dfm versions: config files (and so old checkpoints) that hold them load with the values
     # moved; a command-line override that uses one is told the new name (dfm.config.upgrade)
@@ -186,7 +188,7 @@ def backbone_class(arch: str) -> type[nn.Module]:
     return BACKBONES[arch][0]
 
 
-def backbone_config(m: ModelConfig, channels: int, text_dim: int):
+def backbone_config(m: ModelConfig, channels: int, text_dim: int, in_channels: int | None = None):
     """The backbone's config dataclass: the registry entry `model.size`, then `model.overrides`, then the
     channel count and the text width (derived, so they always fit the autoencoder and the text encoder)."""
     backbone_class(m.arch)
@@ -199,7 +201,7 @@ def backbone_config(m: ModelConfig, channels: int, text_dim: int):
     if unknown:
         raise ConfigError(f"unknown config key 'model.overrides.{unknown[0]}' for model.arch={m.arch}; "
                           f"valid keys: {', '.join(k for k in fields if k not in _DERIVED)}")
-    derived = {"in_channels": channels, "out_channels": channels, "text_dim": text_dim, "context_dim": text_dim}
+    derived = {"in_channels": in_channels or channels, "out_channels": channels, "text_dim": text_dim, "context_dim": text_dim}
     derived = {k: v for k, v in derived.items() if k in fields}
     clash = [k for k in derived if k in m.overrides and m.overrides[k] != derived[k]]
     if clash:
@@ -212,8 +214,8 @@ def backbone_config(m: ModelConfig, channels: int, text_dim: int):
         raise ConfigError(f"model.overrides: {e}") from None
 
 
-def build_backbone(m: ModelConfig, channels: int, text_dim: int) -> nn.Module:
-    return backbone_class(m.arch)(backbone_config(m, channels, text_dim))
+def build_backbone(m: ModelConfig, channels: int, text_dim: int, in_channels: int | None = None) -> nn.Module:
+    return backbone_class(m.arch)(backbone_config(m, channels, text_dim, in_channels))
 
 
 def build_autoencoder(a: AutoencoderConfig, clip: tuple[int, int, int] | None = None) -> nn.Module:
@@ -311,10 +313,12 @@ class DiffusionModule(nn.Module):
       forward("denoise", x, sigma, context=, context_mask=) -> x0_hat, the EDM-coordinate denoiser D(x, sigma)
     """
 
-    def __init__(self, net: nn.Module, text: SmallTextEncoder | None, diffusion: DiffusionConfig, null: str = "empty"):
+    def __init__(self, net: nn.Module, text: SmallTextEncoder | None, diffusion: DiffusionConfig, null: str = "empty",
+                 conditioning: ConditioningConfig | None = None):
         super().__init__()
         self.net, self.text = net, text
         self.diffusion, self.null = diffusion, null
+        self.conditioning = conditioning or ConditioningConfig()  # image inputs: dfm.conditioning
         f = diffusion.flow
         self.timesteps = TimestepSampler(f.timestep_sampling, f.logit_mean, f.logit_std, f.mode_scale,
                                          f.uniform_ratio, f.shift)
@@ -329,19 +333,30 @@ class DiffusionModule(nn.Module):
         raise ValueError(f"unknown task {task!r}")
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        return self.net(x, t, **cond)
+        if self.conditioning.mode == "none":
+            return self.net(x, t, **cond)
+        return Conditioned(self.net, self.conditioning).call(x, t, **cond)  # image inputs in cond
 
     def edm_denoiser(self) -> EDMPrecond:
-        return EDMPrecond(self.net, sigma_data=self.diffusion.edm.sigma_data)
+        return EDMPrecond(self.net if self.conditioning.mode == "none" else self.velocity,
+                          sigma_data=self.diffusion.edm.sigma_data)
 
-    def loss(self, x0, text, mask, keep, generators):
+    def loss(self, x0, text, mask, keep, generators, conditioned=None, condition=None):
         """x0 [B, C, F, H, W]; text: ids [B, L] or embeddings [B, L, D] (dropped captions already emptied for
-        null=empty); mask [B, L]; keep [B] bool."""
+        null=empty); mask [B, L]; keep [B] bool; image conditioning (dfm.conditioning): conditioned [B] bool
+        (frame: those samples' first latent frame given clean) or condition [B, tf + C, F, H, W] (concat)."""
         context = self.text(text, mask) if self.text is not None else text  # [B, L, D]
         if self.null == "zeros":
             context = context * append_dims(keep.to(context.dtype), context.ndim)  # dropped -> zeros
         cond = {"context": context, "context_mask": mask}
+        if condition is not None:
+            cond["condition"] = condition
         d = self.diffusion
+        if d.paradigm == "flow" and conditioned is not None and self.conditioning.mode == "frame":
+            f = d.flow
+            return frame_flow_loss(self.velocity, x0, conditioned, last=self.conditioning.last,
+                                   generator=generators, sampling=self.timesteps, weighting=f.weighting,
+                                   weighting_shift=f.weighting_slope, timestep_scale=f.timestep_scale, **cond)
         if d.paradigm == "flow":
             f = d.flow
             return flow_loss(self.velocity, x0, generator=generators, sampling=self.timesteps,
@@ -356,4 +371,4 @@ class DiffusionModule(nn.Module):
         if self.diffusion.paradigm == "edm":
             return self.edm_denoiser()(x, sigma, **cond)
         scale = self.diffusion.flow.timestep_scale
-        return denoiser_from_velocity(lambda x_s, s: self.net(x_s, s * scale, **cond))(x, sigma)
+        return denoiser_from_velocity(lambda x_s, s: self.velocity(x_s, s * scale, **cond))(x, sigma)

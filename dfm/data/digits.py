@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from dfm.data.captions import paraphrase_for
+
 DIRECTIONS = ("left", "right", "up", "down")
 # Unit step per direction as (row, column); rows grow downwards, so "up" is -1.
 DIRECTION_STEPS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}
@@ -167,6 +169,9 @@ class MovingDigits(Dataset):
     directions: the directions to draw from (default all four).
     length: the number of items (clips are generated, so this is just an epoch length).
     seed: item i is a function of (seed, i) only.
+    captions: "template" (the grammar above, what `parse_caption` reads), "paraphrase" (dfm.data.captions' train
+        templates: number words, direction synonyms) or "heldout" (its held-out templates, for evaluation); the
+        paraphrase is drawn from its own generator (seed, i, 7), so the clip is the same in every mode.
 
     Item: {"video": [3, F, H, W] float in [-1, 1], "caption": str, "digit", "direction", "color", "bounces"
     (scalars for one digit, lists for two), "index": int, "image_index" (row of `load_digit_images()`),
@@ -188,10 +193,14 @@ class MovingDigits(Dataset):
         length: int = 10_000,
         seed: int = 0,
         ink: float = 1.0,
+        captions: str = "template",
     ):
         if not 0 < ink <= 1:
             raise ValueError(f"ink must be in (0, 1] (the digits' brightness; 1: full), got {ink}")
         self.ink = float(ink)  # a style the captions do not name: every digit drawn at this brightness
+        if captions not in ("template", "paraphrase", "heldout"):
+            raise ValueError(f'captions must be "template", "paraphrase" or "heldout", got {captions!r}')
+        self.captions = captions
         self.digit_size = int(digit_size if digit_size is not None else size // 2)
         if num_frames < 1 or size < 2 or not 1 <= self.digit_size <= size:
             raise ValueError(f"need num_frames >= 1 and 1 <= digit_size <= size, got {num_frames}, {self.digit_size}, {size}")
@@ -295,7 +304,9 @@ class MovingDigits(Dataset):
 
         return {
             "video": torch.from_numpy(video),  # [3, F, S, S] in [-1, 1]
-            "caption": caption_for(digits, directions, colors, bounces),
+            "caption": caption_for(digits, directions, colors, bounces) if self.captions == "template" else
+            paraphrase_for(digits, directions, colors, bounces, rng=np.random.default_rng([self.seed, int(index), 7]),
+                           heldout=self.captions == "heldout"),
             "digit": one(digits),
             "direction": one(directions),
             "color": one(colors),

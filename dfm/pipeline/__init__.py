@@ -68,14 +68,15 @@ from dfm.pipeline.folders import (
     WAN_SCHEDULERS,
     WAN_TEXT_LENGTH,
     IntegerTimesteps,
-    describe,
     export_checkpoint,
     load_pipeline,
     pipeline_from_checkpoint,
     save_pipeline,
     wan_scheduler_settings,
 )
+from dfm.pipeline.info import describe
 from dfm.pipeline import wan_family  # noqa: F401  registers the Wan I2V / FLF2V / 2.2 folder layouts
+from dfm.pipeline import conditioned  # noqa: F401  registers image-to-video of dfm's own conditioned models
 from dfm.pipeline.commands import add_commands  # dfm.cli registers generate / info / export through it
 
 __all__ = [

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from dfm.errors import first_line
-from dfm.pipeline.folders import DEFAULT_MODEL, describe, export_checkpoint, load_pipeline
+from dfm.pipeline.folders import DEFAULT_MODEL, export_checkpoint, load_pipeline
+from dfm.pipeline.info import describe
 from dfm.pipeline.lora import check_lora_files, describe_lora, parse_lora_arg
 from dfm.pipeline.pipeline import GRID_NAMES, PipelineError, check_seed
 from dfm.pipeline.wan_family import check_folder_inputs, read_image

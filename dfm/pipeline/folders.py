@@ -1,6 +1,6 @@
 """The model folder format, in and out: dfm model folders, diffusers Wan 2.1 folders and trainer checkpoints ->
 `Pipeline` (`load_pipeline`), a Pipeline -> a dfm model folder (`save_pipeline`), checkpoint -> folder
-(`export_checkpoint`), and what a folder holds (`describe`). The layouts are described in dfm/pipeline/__init__.py."""
+(`export_checkpoint`); what a folder holds is dfm/pipeline/info.py (`describe`). The layouts are described in dfm/pipeline/__init__.py."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from torch import nn
 from dfm import distributed as D
 from dfm.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from dfm.diffusion.samplers import SPACES, resolve_sampler
+from dfm.conditioning import ConditioningConfig, in_channels
 from dfm.errors import UserError, first_line
 from dfm.io import save_safetensors
 from dfm.model import (DiffusionModule, ModelRecipe, backbone_config, build_autoencoder, build_backbone,
@@ -46,6 +47,7 @@ WAN_NEGATIVE_PROMPT = (
 WAN_DEFAULTS = {"num_frames": 81, "height": 480, "width": 832, "fps": 16.0, "steps": 50, "sampler": "flow:unipc",
                 "guidance_scale": 5.0, "shift": 5.0, "negative_prompt": WAN_NEGATIVE_PROMPT}
 WAN_TEXT_LENGTH = 512  # UMT5 tokens (diffusers' max_sequence_length)
+CONDITIONERS: list = []  # (attach(pipe, conditioning), model_index entry(pipe)): pipeline/conditioned.py
 FAMILY_LOADERS: list = []  # (claims(path, index), load(path, index, device, dtype), info lines): pipeline/wan_family.py
 
 
@@ -191,13 +193,13 @@ def _load_text(folder: Path, what: str, tokenizer: Path | None = None, max_lengt
         raise PipelineError(f"{folder} holds no readable text encoder ({first_line(e)}); {what}") from None
 
 
-def _check_fit(path: Path, net: nn.Module, text, vae) -> None:
+def _check_fit(path: Path, net: nn.Module, text, vae, channels: int | None = None) -> None:
     cfg = net.config
     width = getattr(cfg, "text_dim", None) or getattr(cfg, "context_dim", None)
     if width is not None and width != text.dim:
         raise PipelineError(f"{path}: the transformer reads text of width {width} but the text encoder gives "
                             f"{text.dim}; the folder mixes models")
-    if cfg.in_channels != vae.channels:
+    if cfg.in_channels != (channels or vae.channels):
         raise PipelineError(f"{path}: the transformer takes {cfg.in_channels} latent channels but the VAE has "
                             f"{vae.channels}; the folder mixes models")
 
@@ -216,13 +218,21 @@ def _load_dfm_folder(path: Path, index: dict, device, dtype) -> Pipeline:
     t = index.get("text", {})
     text = _load_text(path / "text_encoder", again, max_length=t.get("max_length"), device=device)
     vae = _load_vae(path / "vae", again)
-    _check_fit(path, net, text, vae)
+    cond = index.get("conditioning") or {}
+    _check_fit(path, net, text, vae, in_channels(ConditioningConfig(cond.get("mode", "none")), vae.channels,
+                                                 getattr(vae, "temporal_factor", 1)))
     module = _diffusion_module(net, text, paradigm, diffusion, t.get("null", "empty"))
     config_yaml = (path / "config.yaml").read_text() if (path / "config.yaml").is_file() else None
-    return Pipeline(module.to(device), text, vae.to(device), arch=arch, paradigm=paradigm, diffusion=diffusion,
+    return _conditioned(cond or None, Pipeline(module.to(device), text, vae.to(device), arch=arch, paradigm=paradigm, diffusion=diffusion,
                     defaults=defaults, null=t.get("null", "empty"), use_mask=bool(t.get("mask", True)), kind="dfm",
                     device=device, dtype=dtype, source={**index.get("source", {}), "folder": str(path)},
-                    config_yaml=config_yaml)
+                    config_yaml=config_yaml))
+
+
+def _conditioned(conditioning, pipe: Pipeline) -> Pipeline:
+    for attach, _ in CONDITIONERS:  # an image-conditioned model (dfm.conditioning): pipe.conditioner
+        attach(pipe, conditioning)
+    return pipe
 
 
 WAN_SCHEDULERS = {  # diffusers class -> (grid, default sampler, integer timesteps)
@@ -346,8 +356,9 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
     r, text, vae = trained.recipe, trained.text, trained.vae
     diffusion, defaults = _checkpoint_recipe(trained, **overrides)
     small = isinstance(text, SmallTextEncoder)  # else a frozen encoder, outside the trained module
-    net = build_backbone(r.model, vae.channels, text.dim)
-    module = DiffusionModule(net, text if small else None, r.diffusion, r.text.null)
+    net = build_backbone(r.model, vae.channels, text.dim,
+                         in_channels(r.conditioning, vae.channels, getattr(vae, "temporal_factor", 1)))
+    module = DiffusionModule(net, text if small else None, r.diffusion, r.text.null, r.conditioning)
     if r.lora.rank:  # a LoRA run: the base of model.init_from with its adapters (dfm/pipeline/lora.py)
         lora.run_module(module, r, lora.base_of(load_pipeline(r.model.init_from), r.model.init_from))
     ckpt = load_checkpoint(path)
@@ -360,10 +371,10 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
         net.cast(dtype)
     source = {"checkpoint": str(path), "step": int(ckpt["step"]), "weights": "ema" if use_ema else "model"}
     frozen = FrozenSmallTextEncoder(text, f"{path}/text.json") if small else text
-    return Pipeline(module.eval().to(device), frozen, vae.eval().to(device), arch=r.model.arch,
+    return _conditioned(r.conditioning, Pipeline(module.eval().to(device), frozen, vae.eval().to(device), arch=r.model.arch,
                     paradigm=r.diffusion.paradigm, diffusion=diffusion, defaults=defaults, null=r.text.null,
                     use_mask=True, kind="dfm", device=device, dtype=dtype, source=source,
-                    config_yaml=trained.config_yaml)
+                    config_yaml=trained.config_yaml))
 
 
 EXPORTED = {"dfm": {"model_index.json", "config.yaml", "transformer", "text_encoder", "vae"},  # what export writes
@@ -457,7 +468,8 @@ def save_pipeline(pipe: Pipeline, folder: str | Path, overwrite: bool = False) -
         index = {"format": "dfm", "version": FORMAT_VERSION, "arch": pipe.arch, "paradigm": pipe.paradigm,
                  "diffusion": pipe.diffusion, "text": {"null": pipe.null, "mask": pipe.use_mask,
                                                        "max_length": int(pipe.text.max_length)},
-                 "defaults": pipe.defaults, "source": pipe.source}
+                 "defaults": pipe.defaults, "source": pipe.source, **{k: v for _, entry in CONDITIONERS
+                                                                       for k, v in entry(pipe).items()}}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     return _write_folder(folder, fill)
@@ -480,121 +492,3 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = True,
     report = vae / "eval.json" if vae == run else run / "eval.json"  # a VAE folder's own, or its run's
     files = [vae / "config.json", vae / "model.safetensors", *([report] if report.is_file() else [])]
     return _write_folder(out, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in files])
-
-
-# =================================================================================================== info
-
-
-def _safetensors_params(files: Sequence[Path], by_prefix: bool = False) -> dict[str, int]:
-    """Element counts read from safetensors headers (no weights loaded): {"total": n}, or per first key
-    component ({"net": n1, "text": n2} for a trainer checkpoint) with by_prefix."""
-    counts: dict[str, int] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                group = k.split(".")[0] if by_prefix else "total"
-                counts[group] = counts.get(group, 0) + math.prod(st.get_slice(k).get_shape())
-    return counts
-
-
-def _count(folder: Path) -> int:
-    return _safetensors_params(sorted(folder.glob("*.safetensors"))).get("total", 0)
-
-
-def _fmt(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
-def _transformer_summary(arch: str, cfg: dict) -> str:
-    patch = tuple(cfg.get("patch_size", ()))
-    if cfg.get("depths"):  # an hourglass DiT: blocks and widths per level, finest first (down and up at each)
-        blocks = [2 * d for d in cfg["depths"][:-1]] + [cfg["depths"][-1]]
-        return (f"{arch} (HourglassDiT, {len(blocks)} levels, blocks {tuple(blocks)}, widths "
-                f"{tuple(cfg['widths'])}, patch {patch})")
-    layers = cfg.get("num_layers", cfg.get("depth"))
-    width = cfg.get("dim") or cfg.get("num_attention_heads", 0) * cfg.get("attention_head_dim", 0)
-    name = "WanModel" if arch == "wan" else "DiT"
-    return f"{arch} ({name}, {layers} blocks, width {width}, patch {patch})"
-
-
-def describe(path: str | Path) -> str:
-    """`dfm info`: what a dfm model folder, a diffusers Wan folder or a trainer checkpoint holds. Reads configs and
-    safetensors headers only (the VAE is loaded for its factors), so it is quick even for a 14B folder."""
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"{path} not found; pass a model folder or a trainer checkpoint")
-    lines: list[str] = []
-    add = lambda k, v: lines.append(f"{k:<26}{v}")  # noqa: E731
-    if (path / "model_index.json").is_file():
-        index = _read_json(path / "model_index.json", "the folder is damaged")
-        again = "the folder is incomplete"
-        if index.get("format") == "dfm":
-            arch, paradigm = index.get("arch"), index.get("paradigm")
-            diffusion, defaults, t = index.get("diffusion", {}), index.get("defaults", {}), index.get("text", {})
-            text = _read_json(path / "text_encoder" / "config.json", again)
-            text_line = (f"{text.get('type', text.get('model_type'))} encoder, dim {text.get('dim')}, max_length "
-                         f"{text.get('max_length')}, null {t.get('null')}, mask {'on' if t.get('mask') else 'off'}")
-            add("path", f"{path} (dfm model folder)")
-            add("source", json.dumps(index.get("source", {})))
-        elif index.get("_class_name") in ("WanPipeline", "WanImageToVideoPipeline"):
-            arch, paradigm = "wan", "flow"
-            diffusion, defaults, options = wan_scheduler_settings(path)
-            text = _read_json(path / "text_encoder" / "config.json", again)
-            text_line = (f"{text.get('model_type')} ({(text.get('architectures') or ['?'])[0]}), dim "
-                         f"{text.get('d_model')}, max_length {WAN_TEXT_LENGTH}, zero-padded, no mask in the "
-                         f"transformer")
-            info = next((info for claims, _, info in FAMILY_LOADERS if claims(path, index)), None)
-            family, extra = info(index, path) if info else ([("layout", "T2V (Wan 2.1 text-to-video)")], {})
-            add("path", f"{path} (diffusers Wan {'' if info else '2.1 '}folder, {index['_class_name']})")
-            for k, v in family:
-                add(k, v)
-            defaults.update(extra)
-            if options:
-                add("sampler options", json.dumps(options))
-        else:
-            raise PipelineError(f"{path}/model_index.json describes {index.get('_class_name')!r}; not a dfm or "
-                                f"Wan 2.1 folder")
-        tcfg = _read_json(path / "transformer" / "config.json", again)
-        parts = {name: _count(path / name) for name in ("transformer", "transformer_2", "text_encoder", "vae",
-                                                         "image_encoder") if (path / name).is_dir()}
-        vae = _load_vae(path / "vae", again)
-    else:
-        ckpt = find_checkpoint(path)
-        if ckpt is None:
-            raise PipelineError(f"{path} is neither a model folder (model_index.json) nor a trainer checkpoint")
-        trained = _checkpoint_config(ckpt)
-        r, text, vae = trained.recipe, trained.text, trained.vae
-        arch, paradigm = r.model.arch, r.diffusion.paradigm
-        diffusion, defaults = _checkpoint_recipe(trained)
-        tcfg = dataclasses.asdict(backbone_config(r.model, vae.channels, text.dim))
-        text_line = (f"small encoder, dim {text.dim}, max_length {text.max_length}, null {r.text.null}, "
-                     f"mask on")
-        state = _read_json(ckpt / "state.json", "the checkpoint is damaged")
-        add("path", f"{ckpt} (trainer checkpoint, step {state.get('step')})")
-        add("weights", "model.safetensors + ema.safetensors" if (ckpt / "ema.safetensors").is_file()
-            else "model.safetensors (no EMA)")
-        groups = _safetensors_params([ckpt / "model.safetensors"], by_prefix=True)
-        parts = {"transformer": groups.get("net", 0), "text_encoder": groups.get("text", 0),
-                 "vae": sum(p.numel() for p in vae.parameters())}
-    add("arch", _transformer_summary(arch, tcfg))
-    add("paradigm", paradigm + (" (flow matching, velocity prediction)" if paradigm == "flow"
-                                else " (EDM preconditioned denoiser)"))
-    for name, n in parts.items():
-        add(f"params {name}", f"{_fmt(n)} ({n:,})")
-    add("params total", _fmt(sum(parts.values())))
-    add("latent", f"{vae.channels} channels, temporal x{getattr(vae, 'temporal_factor', 1)}, spatial "
-                  f"x{getattr(vae, 'spatial_factor', 1)} ({type(vae).__name__})")
-    add("text", text_line)
-    add("text width (transformer)", tcfg.get("text_dim", tcfg.get("context_dim")))
-    add("sampling", json.dumps(diffusion))
-    for k in DEFAULT_KEYS:
-        v = defaults.get(k)
-        if k == "negative_prompt" and isinstance(v, str) and len(v) > 60:
-            v = v[:57] + "..."
-        add(f"default {k}", v)
-    return "\n".join(lines)
-
-

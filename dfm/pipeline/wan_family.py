@@ -187,13 +187,15 @@ def check_folder_inputs(path, image, last_image, guidance_scale_2) -> None:
     path = Path(path)
     if not path.exists():
         return  # load_pipeline names the problem
-    index, kind = {}, None  # no model_index.json: a trainer checkpoint, text-to-video
-    if (path / "model_index.json").is_file():
-        try:
-            index = json.loads((path / "model_index.json").read_text())
-            kind = layout(index, _read_config(path / "transformer")) if _claims(path, index) else None
-        except (OSError, ValueError, AttributeError, PipelineError):
-            return  # not a readable folder: load_pipeline names the problem
+    if not (path / "model_index.json").is_file():
+        return  # a trainer checkpoint (quick to load): the loaded pipeline checks
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+        if index.get("format") == "dfm" and index.get("conditioning"):
+            return  # a dfm model trained with image conditioning: its conditioner checks (pipeline/conditioned.py)
+        kind = layout(index, _read_config(path / "transformer")) if _claims(path, index) else None
+    except (OSError, ValueError, AttributeError, PipelineError):
+        return  # not a readable folder: load_pipeline names the problem
     check_inputs(kind, index.get("transformer_2") not in (None, [None, None]), image, last_image, guidance_scale_2)
 
 

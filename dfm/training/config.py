@@ -28,6 +28,7 @@ class DataConfig:
     bounce: bool = False
     ink: float = 1.0  # the digits' brightness in (0, 1]; captions do not name it (a style for a LoRA to learn)
     length: int = 10_000  # items per epoch
+    captions: Literal["template", "paraphrase"] = "template"  # paraphrase: dfm.data.captions' training templates
     # folder (dfm.data.VideoFolder)
     root: Optional[str] = None
     buckets: Optional[list[list[int]]] = None  # [[H, W], ...] aspect buckets (each video to the nearest); None: size x size

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Sampler
 from dfm.config import ConfigError
 from dfm.data import DIRECTIONS, LatentDataset, MovingDigits, VideoFolder, caption_for
 from dfm.data.buckets import BucketBatchSampler
+from dfm.data.captions import all_paraphrases
 from dfm.training.config import TrainConfig
 
 
@@ -26,7 +27,8 @@ def build_dataset(cfg: TrainConfig) -> Dataset:
     d = cfg.data
     if d.dataset == "digits":
         return MovingDigits(split="train", num_frames=d.num_frames, size=d.size, num_digits=d.num_digits,
-                            colors=d.colors, bounce=d.bounce, length=d.length, seed=cfg.train.seed, ink=d.ink)
+                            colors=d.colors, bounce=d.bounce, length=d.length, seed=cfg.train.seed, ink=d.ink,
+                            captions=d.captions)
     if d.dataset == "latents":
         if not d.root:
             raise ConfigError("data.dataset=latents needs data.root, a folder written by `dfm preprocess`")
@@ -79,8 +81,12 @@ def vocabulary_captions(cfg: TrainConfig, dataset: Dataset) -> list[str]:
     """Captions that define the word vocabulary of the small text encoder."""
     if cfg.data.dataset == "digits":
         colors = [None] if not cfg.data.colors else list(cfg.data.colors)
-        return [caption_for(digit, direction, color, bounce) for digit in range(10) for direction in DIRECTIONS
-                for color in colors for bounce in (False, True)]
+        captions = [caption_for(digit, direction, color, bounce) for digit in range(10) for direction in DIRECTIONS
+                    for color in colors for bounce in (False, True)]
+        if cfg.data.captions == "paraphrase":  # the words of both template sets (held-out prompts read too)
+            captions += [c for digit in range(10) for direction in DIRECTIONS for color in colors for heldout in
+                         (False, True) for c in all_paraphrases(digit, direction, color, True, heldout)]
+        return captions
     if cfg.data.dataset == "latents":
         return list(dataset.captions)
     return [clip.caption for clip in dataset.clips]

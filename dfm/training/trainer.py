@@ -45,6 +45,8 @@ from dfm.pipeline import lora as lora_runs
 from dfm.pipeline.folders import load_pipeline
 from dfm.pipeline.pipeline import SEED_LIMIT, Pipeline, PipelineError, count_tokens
 from dfm.text import SmallTextEncoder, WordTokenizer, pad_context
+from dfm.conditioning import in_channels
+from dfm.training.conditioning import check_training_conditioning, loss_inputs
 from dfm.training.config import TrainConfig, TrainingError, check_config, config_changes
 from dfm.training.data import (GlobalOrder, StepBatches, build_dataset, check_latent_dataset, check_stored_text,
                                collate_batch, keep_captions, vocabulary_captions)
@@ -156,6 +158,7 @@ class Trainer:
         self.cfg = cfg
         self.info = info if info is not None else D.init_distributed(cfg.train.device)
         check_config(cfg, self.info.world_size)
+        check_training_conditioning(cfg)
         t = cfg.train
         # context parallelism: ranks [k*N, (k+1)*N) share each sample's tokens; data parallel over the k groups
         self.cp = ContextParallel(context_parallel_group(t.context_parallel)[1], t.context_parallel_mode) \
@@ -188,8 +191,11 @@ class Trainer:
             check_stored_text(cfg, self.dataset, self.frozen_text)
         if self.frozen_text is None:
             text.requires_grad_(cfg.text.trainable)
-        net = build_backbone(cfg.model, self.autoencoder.channels, text.dim)
-        module = DiffusionModule(net, text if self.frozen_text is None else None, cfg.diffusion, cfg.text.null)
+        channels = self.autoencoder.channels
+        net = build_backbone(cfg.model, channels, text.dim,
+                             in_channels(cfg.conditioning, channels, getattr(self.autoencoder, "temporal_factor", 1)))
+        module = DiffusionModule(net, text if self.frozen_text is None else None, cfg.diffusion, cfg.text.null,
+                                 cfg.conditioning)
         if base is not None:
             lora_runs.init_module(module, base)
         if cfg.lora.rank:  # base frozen, only the adapters (module.lora) train
@@ -327,9 +333,10 @@ class Trainer:
                     x0 = self.autoencoder.encode(batch["video"].to(dev, non_blocking=True))
             ids, mask, keep = self.conditioning(batch)
             gens = D.sample_generators(cfg.train.seed, batch["sample"].tolist(), 0)
+            image = loss_inputs(cfg, batch, x0, self.autoencoder)  # image conditioning (dfm.conditioning)
             with D.gradient_sync(self.model, a == len(micro_batches) - 1):
                 with autocast(dev, cfg.train.precision):
-                    per_sample = self.model("loss", x0, ids, mask, keep, gens)  # [b]
+                    per_sample = self.model("loss", x0, ids, mask, keep, gens, **image)  # [b]
                 (per_sample.float().sum() * scale).backward()
             loss_sum += per_sample.detach().double().sum()
         loss = float(D.all_reduce_sum(loss_sum)) / cfg.train.batch_size / cfg.train.context_parallel  # N ranks a sample

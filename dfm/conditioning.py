@@ -1,0 +1,141 @@
+"""Image conditioning of a trained model: one model for text-to-video and image-to-video.
+
+`conditioning.mode` (a section of the model recipe, so checkpoints and exported folders know it):
+
+    none    text-to-video only (every model before this section)
+    frame   the TI2V way (Wan 2.2 5B): the first latent frame (and with `last` the last one) of x is the clean latents
+            of the given frame, its tokens get noise level 0 (per-token timesteps: the backbone's t is [B, L]) and
+            the loss ignores them. With the causal VAE the first pixel frame has its own latent frame, so this is exact.
+    concat  the Wan 2.1 I2V way: [x, mask, y] along channels, mask [B, tf, f, h, w] 1 on the given pixel frames
+            (frame 0 counted tf times, as the VAE folds 1 + tf k frames) and y = E(first frame, zero frames...);
+            an unconditioned sample gets mask 0 and y 0. The backbone takes C + tf + C channels.
+
+A sample is conditioned with probability `probability` (drawn per sample from (seed, sample index): see
+dfm.training.conditioning), so with 0.5 half the batch trains image-to-video and half text-to-video.
+
+Backbone calls, the same in training and sampling (`Conditioned.call`):
+    frame:   net(x with x[:, :, given] = first_latent, t [B, L] zero on given tokens, ...)   (first_latent [B, C, 1, h, w])
+    concat:  net(cat([x, condition]), t, ...)                                                (condition [B, tf + C, f, h, w])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from dfm.config import ConfigError
+from dfm.diffusion.flow import TimestepSampler, loss_weight
+from dfm.diffusion.noise import randn_like
+from dfm.diffusion.paths import append_dims
+
+Tensor = torch.Tensor
+MODES = ("none", "frame", "concat")
+
+
+@dataclass
+class ConditioningConfig:
+    mode: Literal["none", "frame", "concat"] = "none"
+    probability: float = 0.5  # of a training sample being conditioned (the rest train text-to-video)
+    last: bool = False  # frame: the last latent frame is given too (first-last-frame)
+
+
+def check_conditioning(c: ConditioningConfig, arch: str, paradigm: str, patch_size) -> None:
+    """ConfigError for what the conditioning cannot do with this backbone and paradigm."""
+    if c.mode not in MODES:
+        raise ConfigError(f"unknown conditioning.mode {c.mode!r}; use one of {', '.join(MODES)}")
+    if not 0 <= c.probability <= 1:
+        raise ConfigError(f"conditioning.probability must be in [0, 1], got {c.probability}")
+    if c.mode == "frame":
+        if arch != "wan" or paradigm != "flow":
+            raise ConfigError(f"conditioning.mode=frame needs per-token noise levels: model.arch=wan with "
+                              f"diffusion.paradigm=flow (got {arch}/{paradigm}); use conditioning.mode=concat")
+        if tuple(patch_size)[0] != 1:
+            raise ConfigError(f"conditioning.mode=frame gives whole latent frames: model.overrides.patch_size must "
+                              f"be [1, ph, pw] (got {list(patch_size)})")
+    if c.last and c.mode != "frame":
+        raise ConfigError("conditioning.last=true applies to conditioning.mode=frame")
+
+
+def in_channels(c: ConditioningConfig, channels: int, temporal_factor: int) -> int:
+    """The backbone's input channels: C, or C + tf + C for concat."""
+    return channels + temporal_factor + channels if c.mode == "concat" else channels
+
+
+def frame_mask(num_frames: int, latent_shape, temporal_factor: int, last: bool = False) -> Tensor:
+    """[1, tf, f, h, w]: 1 on the given pixel frames (frame 0 repeated tf times, as diffusers' mask_lat_size)."""
+    _, _, f, h, w = latent_shape
+    mask = torch.zeros(1, 1, num_frames, h, w)
+    mask[:, :, 0] = 1
+    if last:
+        mask[:, :, -1] = 1
+    mask = torch.cat([mask[:, :, :1].repeat_interleave(temporal_factor, dim=2), mask[:, :, 1:]], dim=2)
+    return mask.view(1, f, temporal_factor, h, w).transpose(1, 2)  # [1, tf, f, h, w]
+
+
+def given_frames(conditioned: Tensor, num_latent_frames: int, last: bool) -> Tensor:
+    """[B] bool -> [B, f] bool: the latent frames given clean (frame 0, and the last with `last`)."""
+    given = torch.zeros(conditioned.shape[0], num_latent_frames, dtype=torch.bool, device=conditioned.device)
+    given[:, 0] = conditioned
+    if last:
+        given[:, -1] = conditioned
+    return given
+
+
+def token_timesteps(t: Tensor, given: Tensor, tokens_per_frame: int) -> Tensor:
+    """t [B], given [B, f] bool -> per-token t [B, f * tokens_per_frame]: 0 on the given frames' tokens."""
+    per_frame = t[:, None] * (~given).to(t.dtype)  # [B, f]
+    return per_frame.repeat_interleave(tokens_per_frame, dim=1)  # [B, L], tokens in (f, h, w) order
+
+
+def tokens_per_frame(net, shape) -> int:
+    _, ph, pw = net.config.patch_size
+    return (shape[3] // ph) * (shape[4] // pw)
+
+
+class Conditioned:
+    """How the backbone `net` is called under a conditioning mode (a plain callable, so the weights' names stay)."""
+
+    def __init__(self, net, c: ConditioningConfig):
+        self.net, self.c = net, c
+
+    def call(self, x: Tensor, t: Tensor, given: Tensor | None = None, first_latent: Tensor | None = None,
+             last_latent: Tensor | None = None, condition: Tensor | None = None, **cond) -> Tensor:
+        """x [B, C, f, h, w], t [B]; frame: `given` [B, f] bool with the clean frames already in x, or
+        first_latent / last_latent [B, C, 1, h, w] to put in (sampling); concat: condition [B, tf + C, f, h, w]."""
+        if condition is not None:
+            x_in = torch.cat([x, condition.to(x.dtype)], dim=1)
+            return self.net(x_in, t, **cond)
+        if first_latent is None and given is None:
+            return self.net(x, t, **cond)  # text-to-video: the plain call, [B] timesteps
+        B, f = x.shape[0], x.shape[2]
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(B)
+        if given is None:  # sampling: put the given frames in
+            x = torch.cat([first_latent.to(x.dtype), x[:, :, 1:]], dim=2)
+            if last_latent is not None:
+                x = torch.cat([x[:, :, :-1], last_latent.to(x.dtype)], dim=2)
+            ones = torch.ones(B, dtype=torch.bool, device=x.device)
+            given = given_frames(ones, f, last_latent is not None)
+        return self.net(x, token_timesteps(t, given, tokens_per_frame(self.net, x.shape)), **cond)
+
+
+def frame_flow_loss(velocity_model: Callable[..., Tensor], x0: Tensor, conditioned: Tensor, *, last: bool = False,
+                    generator=None, sampling: TimestepSampler | None = None, weighting: str = "none",
+                    weighting_shift: float = 1.0, timestep_scale: float = 1.0, **cond) -> Tensor:
+    """dfm.diffusion.flow.flow_loss with the given frames clean (conditioned [B] bool): the same draws (timesteps,
+    then noise, per generator), x_s = x0 on the given frames, whose tokens get t = 0 and weight 0 in the loss; the
+    per-sample loss is the mean over the other elements. velocity_model(x, t, given=[B, f], **cond)."""
+    sampling = sampling if sampling is not None else TimestepSampler()
+    s = sampling.sample(x0.shape[0], generator, x0.device)  # [B] fp32
+    eps = randn_like(x0, generator)  # [B, C, f, h, w]
+    s_ = append_dims(s, x0.ndim)
+    given = given_frames(conditioned.to(x0.device), x0.shape[2], last)  # [B, f]
+    g = given[:, None, :, None, None]  # [B, 1, f, 1, 1]
+    x_s = torch.where(g, x0, (1 - s_) * x0 + s_ * eps).to(x0.dtype)
+    u = eps - x0  # target velocity
+    v = velocity_model(x_s, s * timestep_scale, given=given, **cond)
+    weight = (~g).float().expand_as(x0)  # [B, C, f, h, w]: 0 on the given frames
+    dims = tuple(range(1, x0.ndim))
+    err = ((v.float() - u.float()) ** 2 * weight).sum(dims) / weight.sum(dims)  # [B]
+    return loss_weight(s, weighting, weighting_shift) * err

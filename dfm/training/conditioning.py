@@ -1,0 +1,50 @@
+"""The trainer's side of image conditioning (dfm.conditioning): which samples are conditioned, and their inputs.
+
+Sample g is conditioned when a uniform draw seeded by (train.seed, g, 3) is < conditioning.probability: a function
+of the global sample index alone, so N ranks and a resumed run condition exactly the samples one uninterrupted
+process does (as the caption dropout of dfm.training.data.keep_captions, seeded by (seed, g, 1)). With
+probability 0 (or mode none) nothing is drawn and the loss is today's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dfm.conditioning import check_conditioning, frame_mask
+from dfm.config import ConfigError
+from dfm.model import backbone_config
+
+
+def conditioned_samples(seed: int, samples, probability: float) -> list[bool]:
+    """Per global sample index: conditioned on its first frame or not."""
+    return [bool(np.random.default_rng([seed, int(g), 3]).random() < probability) for g in samples]
+
+
+def check_training_conditioning(cfg) -> None:
+    """ConfigError for a conditioning section this run cannot train (before anything is written)."""
+    c = cfg.conditioning
+    patch = getattr(backbone_config(cfg.model, 3, cfg.text.dim), "patch_size", (1, 1, 1))
+    check_conditioning(c, cfg.model.arch, cfg.diffusion.paradigm, patch)
+    if c.mode == "concat" and cfg.data.dataset == "latents":
+        raise ConfigError("conditioning.mode=concat encodes the first frame alone (E(frame, zeros...)): it needs "
+                          "pixel data, not data.dataset=latents; use conditioning.mode=frame or the videos")
+
+
+@torch.no_grad()
+def loss_inputs(cfg, batch: dict, x0: torch.Tensor, autoencoder) -> dict:
+    """The image-conditioning keyword arguments of DiffusionModule.loss for one micro-batch ({} when none)."""
+    c = cfg.conditioning
+    if c.mode == "none" or c.probability == 0:
+        return {}
+    flags = torch.tensor(conditioned_samples(cfg.train.seed, batch["sample"].tolist(), c.probability),
+                         device=x0.device)  # [b] bool
+    if c.mode == "frame":
+        return {"conditioned": flags}
+    video = batch["video"].to(x0.device)  # [b, 3, F, H, W]: concat, the first frame then zeros
+    first = torch.cat([video[:, :, :1], torch.zeros_like(video[:, :, 1:])], dim=2)
+    y = autoencoder.encode(first).to(x0.dtype)  # [b, C, f, h, w]
+    tf = getattr(autoencoder, "temporal_factor", 1)
+    mask = frame_mask(video.shape[2], x0.shape, tf).to(x0)  # [1, tf, f, h, w]
+    cond = torch.cat([mask.expand(x0.shape[0], -1, -1, -1, -1), y], dim=1)  # [b, tf + C, f, h, w]
+    return {"condition": cond * flags.view(-1, 1, 1, 1, 1).to(cond.dtype)}  # unconditioned: mask 0, y 0
