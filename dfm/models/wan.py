@@ -50,6 +50,7 @@ from .layers import (
     run_blocks,
     unpatchify,
 )
+from .cache import run_stack
 from .rope import rope_3d
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -198,7 +199,9 @@ class WanModel(nn.Module):
         t_mod = linear_fp32(F.silu(temb), self.time_proj.weight, self.time_proj.bias)  # [B, 6D]
         t_mod = t_mod.unflatten(1, (6, cfg.dim))  # [B, 6, D]
         ctx = self.text_embedder(context.to(dtype))  # [B, Lc, D]
-        h = run_blocks(self.blocks, h, ctx, t_mod, rope, context_mask, checkpointing=self.gradient_checkpointing)
+        run = lambda h, blocks=self.blocks: run_blocks(blocks, h, ctx, t_mod, rope, context_mask,  # noqa: E731
+                                                     checkpointing=self.gradient_checkpointing)
+        h = run_stack(self, h, run, t_mod)  # the block stack, through a step cache if one is attached
         shift, scale = (self.modulation_out.float() + temb[:, None, :]).chunk(2, dim=1)  # 2 x [B, 1, D], fp32
         out = self.proj_out(modulate(self.norm_out(h), shift, scale).to(dtype))  # [B, L, pt*ph*pw*C]
         return unpatchify(out, cfg.patch_size, grid).to(x.dtype)  # [B, C, F, H, W]

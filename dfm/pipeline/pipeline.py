@@ -19,6 +19,7 @@ from dfm.diffusion.sampling import guided_sample
 from dfm.diffusion.samplers import resolve_sampler
 from dfm.diffusion.schedules import GRIDS, Grid, sampling_grid
 from dfm.errors import UserError
+from dfm.pipeline.caching import build_cache, cached_denoiser
 from dfm.text import WordTokenizer, guidance_branches, wan_prompt_clean, words
 
 Tensor = torch.Tensor
@@ -101,6 +102,7 @@ class Generation:
     seconds: float  # wall time of the call
     fps: float
     settings: dict = field(default_factory=dict)  # the resolved arguments
+    stack_evals: int | None = None  # block-stack evaluations (one per forward, fewer with a step cache)
 
 
 class Pipeline:
@@ -312,7 +314,7 @@ class Pipeline:
     def generate(self, prompts: str | list[str], negative_prompt=None, num_frames=None, height=None, width=None,
                  steps=None, sampler=None, guidance_scale=None, shift=None, seed=None, seeds=None, progress=True,
                  callback=None, sampler_options: dict | None = None, guidance_rescale=None, guidance_interval=None,
-                 grid: str | None = None) -> Generation:
+                 grid: str | None = None, cache=None, cache_threshold=None) -> Generation:
         """Videos for `prompts` (None arguments take `self.defaults`); the steps are listed in dfm/pipeline/__init__.py.
 
         seeds: one per prompt (a single prompt with several seeds gives several videos); default seed, seed + 1, ...
@@ -324,12 +326,15 @@ class Pipeline:
         2024). grid: a sampling grid name (dfm.diffusion.schedules.GRIDS; "logsnr" is the few-step grid).
         callback(info): once per step with the sampler's dict ('x', 'i', 'denoised', ...) plus 'steps'.
         sampler_options: keyword options of the sampler (default: the recipe's, `self.sampler_options`).
+        cache: "magcache" | "teacache" | "fbcache" | "none" (None: off, unless dfm.pipeline.caching.default_cache
+        set one), cache_threshold: its threshold (None: the method's default); see dfm/pipeline/caching.py.
         """
         start = time.perf_counter()
         negative = self.defaults["negative_prompt"] if negative_prompt is None else negative_prompt
         s = self.settings(num_frames, height, width, steps, sampler, guidance_scale, guidance_rescale,
                           guidance_interval, grid, shift, sampler_options)
         prompts, negative, seeds = self._prompts(prompts, negative, seed, seeds)
+        step_cache = build_cache(self, cache, cache_threshold)  # checked (and calibrated if new) before sampling
         guidance, grid_ = s["guidance_scale"], s["grid"]
 
         cond, uncond = guidance_branches(self.encode, prompts, negative, self.null, self.use_mask, guidance)
@@ -350,10 +355,11 @@ class Pipeline:
                 callback({**info, "steps": grid_.steps})
 
         try:
-            latents, nfe = guided_sample(self.denoise, noise, grid_, s["sampler"], cond=cond, uncond=uncond,
-                                         guidance_scale=guidance, generators=generators, callback=on_step,
-                                         rescale=s["guidance_rescale"], interval=s["interval_sigmas"],
-                                         rescale_space="flow" if self.paradigm == "flow" else "x0")
+            with cached_denoiser(self, step_cache, grid_) as denoise:
+                latents, nfe = guided_sample(denoise, noise, grid_, s["sampler"], cond=cond, uncond=uncond,
+                                             guidance_scale=guidance, generators=generators, callback=on_step,
+                                             rescale=s["guidance_rescale"], interval=s["interval_sigmas"],
+                                             rescale_space="flow" if self.paradigm == "flow" else "x0")
         finally:
             if bar is not None:
                 bar.close()
@@ -365,6 +371,7 @@ class Pipeline:
         settings = {"num_frames": s["num_frames"], "height": s["height"], "width": s["width"], "steps": s["steps"],
                     "sampler": s["sampler"].name, "guidance_scale": guidance,
                     "guidance_rescale": s["guidance_rescale"], "guidance_interval": s["guidance_interval"],
-                    "grid": s["grid_name"], "shift": s["shift"], "negative_prompt": negative}
+                    "grid": s["grid_name"], "shift": s["shift"], "negative_prompt": negative,
+                    "cache": step_cache.summary() if step_cache is not None else None}
         return Generation(videos, prompts, seeds, nfe, time.perf_counter() - start, float(self.defaults["fps"]),
-                          settings)
+                          settings, step_cache.computed if step_cache is not None else nfe)
