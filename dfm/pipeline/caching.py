@@ -46,7 +46,7 @@ CALIBRATION_STEPS = (10, 20, 50)  # one uncached generation of CALIBRATION_PROMP
 CALIBRATION_PROMPTS = ("the digit 3 moves to the right", "a red car drives along a street at night")
 TEACACHE_DEGREE = 4
 
-_DEFAULT = contextvars.ContextVar("dfm_default_cache", default=(None, None))
+_DEFAULT = contextvars.ContextVar("dfm_default_cache", default=(None, None, None))
 
 
 class CacheError(UserError, ValueError):
@@ -72,10 +72,12 @@ def check_cache(name, threshold) -> tuple[str | None, float | None]:
 
 @contextlib.contextmanager
 def default_cache(name, threshold=None):
-    """`Pipeline.generate(cache=None)` calls inside use this cache (what `dfm generate/eval --cache` set)."""
-    token = _DEFAULT.set(check_cache(name, threshold))
+    """`Pipeline.generate(cache=None)` calls inside use this cache (what `dfm generate/eval --cache` set); yields
+    the list of the StepCaches they used (their counters tell what was skipped)."""
+    used = []
+    token = _DEFAULT.set((*check_cache(name, threshold), used))
     try:
-        yield
+        yield used
     finally:
         _DEFAULT.reset(token)
 
@@ -88,7 +90,7 @@ def fingerprint(net: torch.nn.Module) -> str:
     params = list(net.parameters())
     h = hashlib.sha1(str([tuple(p.shape) for p in params]).encode())
     for p in params[:3] + params[-3:]:
-        h.update(f"{float(p.detach().double().sum()):.10e}".encode())
+        h.update(f"{float(p.detach().cpu().double().sum()):.10e}".encode())
     return h.hexdigest()[:16]
 
 
@@ -179,28 +181,39 @@ def calibration_for(pipe, log=None) -> dict:
     log(f"no step-cache calibration for this model: calibrating now on {len(CALIBRATION_STEPS)} uncached "
         f"generations (once; saved to {path}; `dfm calibrate-cache --model PATH` puts one in the model folder)")
     data = calibrate(pipe, log=log)
-    if path.exists():
-        path.unlink()  # ours, for other weights of the same folder (the fingerprint did not match)
     write_calibration(data, path)
     return data
+
+
+def backbone(pipe) -> torch.nn.Module:
+    """The network with the block stack (a Wan folder's transformer is wrapped in IntegerTimesteps)."""
+    net = pipe.transformer
+    while not hasattr(net, "blocks") and isinstance(getattr(net, "net", None), torch.nn.Module):
+        net = net.net
+    return net
 
 
 def build_cache(pipe, name, threshold) -> StepCache | None:
     """The StepCache of `generate(cache=name, cache_threshold=threshold)`: name None is the default (off unless
     `default_cache` set one), "none" is off; a StepCache object is used as it is."""
-    if isinstance(name, StepCache):
-        return name
+    used = None
     if name is None:
-        name, threshold = _DEFAULT.get()
+        name, threshold, used = _DEFAULT.get()
+    if not isinstance(name, StepCache):
+        name, threshold = check_cache(name, threshold)
         if name is None:
             return None
-    name, threshold = check_cache(name, threshold)
-    if name is None:
-        return None
-    threshold = DEFAULT_THRESHOLDS[name] if threshold is None else threshold
-    if not isinstance(getattr(pipe.transformer, "blocks", None), torch.nn.ModuleList):
+    if not isinstance(getattr(backbone(pipe), "blocks", None), torch.nn.ModuleList):
         raise CacheError(f"step caching needs a flat block stack (WAN or a flat DiT); this model's "
-                         f"{type(pipe.transformer).__name__} has none: generate without --cache")
+                         f"{type(backbone(pipe)).__name__} has none: generate without a cache")
+    cache = name if isinstance(name, StepCache) else _build(pipe, name, threshold)
+    if used is not None:
+        used.append(cache)
+    return cache
+
+
+def _build(pipe, name: str, threshold: float | None) -> StepCache:
+    threshold = DEFAULT_THRESHOLDS[name] if threshold is None else threshold
     if name == "fbcache":
         return FBCache(threshold)
     data = calibration_for(pipe)
@@ -226,8 +239,9 @@ def cached_denoiser(pipe, cache: StepCache | None, grid):
         cache.at(1.0 if math.isinf(s) else s / (1 + s))
         return pipe.denoise(x, sigma, **cond)
 
-    attach(pipe.transformer, cache)
+    net = backbone(pipe)
+    attach(net, cache)
     try:
         yield denoise
     finally:
-        attach(pipe.transformer, None)
+        attach(net, None)
