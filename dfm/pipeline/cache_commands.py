@@ -72,7 +72,8 @@ def cmd_calibrate(args) -> int:
             raise CacheError(f"cannot write to {target.parent} (read-only); pass --user to keep the calibration in "
                              f"the user's store") from None
     prompts = args.prompt or list(CALIBRATION_PROMPTS)
-    data = calibrate(pipe, steps=steps, prompts=prompts, log=log)
+    data = calibrate(pipe, steps=steps, prompts=prompts, log=log, num_frames=args.frames, height=args.height,
+                     width=args.width, guidance_scale=args.guidance)
     write_calibration(data, target, overwrite=args.overwrite)
     print(target)
     return 0
@@ -99,6 +100,10 @@ def add_commands(sub) -> None:
                    help="one uncached generation per step count (default %(default)s)")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a calibration prompt (repeat; default: two fixed prompts)")
+    p.add_argument("--frames", type=int, help="frames of the calibration videos (default: the model's)")
+    p.add_argument("--height", type=int, help="their height (default: the model's)")
+    p.add_argument("--width", type=int, help="their width (default: the model's)")
+    p.add_argument("--guidance", type=float, help="their guidance scale (default: the model's)")
     p.add_argument("--overwrite", action="store_true", help=f"replace an existing {CACHE_FILE}")
     p.add_argument("--user", action="store_true",
                    help="store it in the user's calibration store ($DFM_CACHE_DIR, default ~/.cache/dfm) instead of "

@@ -45,6 +45,7 @@ MAGCACHE_MAX_SKIPS = 2  # consecutive skipped steps at most (MagCache's K)
 CALIBRATION_STEPS = (10, 20, 50)  # one uncached generation of CALIBRATION_PROMPTS per step count
 CALIBRATION_PROMPTS = ("the digit 3 moves to the right", "a red car drives along a street at night")
 TEACACHE_DEGREE = 4
+CLIP_KEYS = ("num_frames", "height", "width", "guidance_scale")  # what a calibration run is generated at
 
 _DEFAULT = contextvars.ContextVar("dfm_default_cache", default=(None, None, None))
 
@@ -94,15 +95,17 @@ def fingerprint(net: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def calibrate(pipe, steps=CALIBRATION_STEPS, prompts=CALIBRATION_PROMPTS, seed: int = 0, log=None) -> dict:
-    """Uncached generations of `prompts` at each step count with the model's defaults, recorded (cache.json)."""
+def calibrate(pipe, steps=CALIBRATION_STEPS, prompts=CALIBRATION_PROMPTS, seed: int = 0, log=None, **clip) -> dict:
+    """Uncached generations of `prompts` at each step count, recorded (cache.json); `clip`: num_frames, height,
+    width, guidance_scale (None: the model's defaults; a Wan folder's are 81 frames at 480x832)."""
     net, runs = pipe.transformer, []
+    clip = {k: v for k, v in clip.items() if v is not None}
     for n in steps:
         recorder = Recorder()
         start = time.perf_counter()
         with warnings.catch_warnings():  # the fixed prompts need not be words the model knows
             warnings.simplefilter("ignore", UnknownWordsWarning)
-            pipe.generate(list(prompts), seed=seed, steps=int(n), progress=False, cache=recorder)
+            pipe.generate(list(prompts), seed=seed, steps=int(n), progress=False, cache=recorder, **clip)
         runs.append({"steps": int(n), "records": recorder.records})
         if log:
             log(f"calibration: {n} steps, {recorder.calls} forwards, {time.perf_counter() - start:.1f} s")
@@ -113,9 +116,8 @@ def calibrate(pipe, steps=CALIBRATION_STEPS, prompts=CALIBRATION_PROMPTS, seed: 
     degree = min(TEACACHE_DEGREE, max(len(pairs) - 1, 0))
     return {"format": FORMAT, "fingerprint": fingerprint(net),
             "settings": {"steps": list(map(int, steps)), "prompts": list(prompts), "seed": seed,
-                         "sampler": pipe.defaults.get("sampler"), "guidance_scale": pipe.defaults.get("guidance_scale"),
-                         "num_frames": pipe.defaults.get("num_frames"), "height": pipe.defaults.get("height"),
-                         "width": pipe.defaults.get("width")},
+                         "sampler": pipe.defaults.get("sampler"),
+                         **{k: clip.get(k, pipe.defaults.get(k)) for k in CLIP_KEYS}},
             "magcache": {"levels": [r["level"] for r in finest], "norms": [r["norm"] for r in finest]},
             "teacache": {"coefficients": np.polyfit(x, y, degree).tolist(), "x_max": float(x.max())},
             "runs": runs}
@@ -166,9 +168,9 @@ def write_calibration(data: dict, path: Path, overwrite: bool = False) -> None:
                          f"calibrate-cache --user` (the user's calibration store)") from None
 
 
-def calibration_for(pipe, log=None) -> dict:
-    """The model's calibration: its folder's cache.json, else the user store's, else one made now (and saved to
-    the user store, said on stderr)."""
+def calibration_for(pipe, log=None, **clip) -> dict:
+    """The model's calibration: its folder's cache.json, else the user store's, else one made now at the size of
+    the generation that asks (`clip`, see `calibrate`) and saved to the user store, said on stderr."""
     log = log or (lambda msg: print(f"dfm: {msg}", file=sys.stderr))
     fp = fingerprint(pipe.transformer)
     for path in (folder_file(pipe), user_file(pipe)):
@@ -180,7 +182,7 @@ def calibration_for(pipe, log=None) -> dict:
     path = user_file(pipe)
     log(f"no step-cache calibration for this model: calibrating now on {len(CALIBRATION_STEPS)} uncached "
         f"generations (once; saved to {path}; `dfm calibrate-cache --model PATH` puts one in the model folder)")
-    data = calibrate(pipe, log=log)
+    data = calibrate(pipe, log=log, **clip)
     write_calibration(data, path)
     return data
 
@@ -193,7 +195,7 @@ def backbone(pipe) -> torch.nn.Module:
     return net
 
 
-def build_cache(pipe, name, threshold) -> StepCache | None:
+def build_cache(pipe, name, threshold, **clip) -> StepCache | None:
     """The StepCache of `generate(cache=name, cache_threshold=threshold)`: name None is the default (off unless
     `default_cache` set one), "none" is off; a StepCache object is used as it is."""
     used = None
@@ -206,17 +208,17 @@ def build_cache(pipe, name, threshold) -> StepCache | None:
     if not isinstance(getattr(backbone(pipe), "blocks", None), torch.nn.ModuleList):
         raise CacheError(f"step caching needs a flat block stack (WAN or a flat DiT); this model's "
                          f"{type(backbone(pipe)).__name__} has none: generate without a cache")
-    cache = name if isinstance(name, StepCache) else _build(pipe, name, threshold)
+    cache = name if isinstance(name, StepCache) else _build(pipe, name, threshold, clip)
     if used is not None:
         used.append(cache)
     return cache
 
 
-def _build(pipe, name: str, threshold: float | None) -> StepCache:
+def _build(pipe, name: str, threshold: float | None, clip: dict) -> StepCache:
     threshold = DEFAULT_THRESHOLDS[name] if threshold is None else threshold
     if name == "fbcache":
         return FBCache(threshold)
-    data = calibration_for(pipe)
+    data = calibration_for(pipe, **clip)
     if name == "magcache":
         m = data["magcache"]
         return MagCache(threshold, NormCurve(m["levels"], m["norms"]), MAGCACHE_MAX_SKIPS)

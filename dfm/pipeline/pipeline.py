@@ -334,7 +334,8 @@ class Pipeline:
         s = self.settings(num_frames, height, width, steps, sampler, guidance_scale, guidance_rescale,
                           guidance_interval, grid, shift, sampler_options)
         prompts, negative, seeds = self._prompts(prompts, negative, seed, seeds)
-        step_cache = build_cache(self, cache, cache_threshold)  # checked (and calibrated if new) before sampling
+        step_cache = build_cache(self, cache, cache_threshold, **{k: s[k] for k in ("num_frames", "height", "width",
+                                 "guidance_scale")})  # checked (and calibrated if new: at this size) before sampling
         guidance, grid_ = s["guidance_scale"], s["grid"]
 
         cond, uncond = guidance_branches(self.encode, prompts, negative, self.null, self.use_mask, guidance)
