@@ -251,3 +251,27 @@ def test_image_to_a_wan21_t2v_folder(tmp_path, capsys):
     pipe = load_pipeline(shipped)
     with pytest.raises(PipelineError, match="text-to-video model with one transformer: it takes no last_image"):
         pipe.generate("the digit 3 moves up", steps=1, last_image=image(0), progress=False)
+
+
+@pytest.mark.parametrize("case", ["i2v", "ti2v_image"])
+def test_step_cache_drives_one_expert_layouts(parts, case, tmp_path, monkeypatch):
+    """A step cache on an I2V (image cross-attention, 36 channels) and a TI2V (per-token timesteps) folder:
+    threshold 0 gives exactly the uncached video, a huge one skips calls (first and last computed) and stays finite;
+    a two-expert folder is refused in one line (each expert would need its own cache)."""
+    from dfm.pipeline.caching import CacheError
+
+    monkeypatch.setenv("DFM_CACHE_DIR", str(tmp_path))  # first-use calibrations go here, not to ~/.cache
+    _, kw, _, _ = CASES[case]
+    pipe = load_pipeline(build(parts, case.removesuffix("_image"), "unipc"))
+    args = dict(num_frames=FRAMES, height=SIZE, width=SIZE, steps=6, seeds=[3], progress=False, **kw)
+    plain = pipe.generate(PROMPTS[0], **args)
+    for method in ("magcache", "teacache", "fbcache"):
+        assert torch.equal(pipe.generate(PROMPTS[0], cache=method, cache_threshold=0, **args).videos, plain.videos)
+        skipped = pipe.generate(PROMPTS[0], cache=method, cache_threshold=1e9, **args)
+        assert 2 <= skipped.stack_evals < plain.stack_evals == 6, method
+        assert torch.isfinite(skipped.videos).all()
+    two = load_pipeline(build(parts, "a14b_t2v", "unipc"))
+    with pytest.raises(CacheError, match="two-expert") as e:
+        two.generate(PROMPTS[0], cache="magcache", num_frames=FRAMES, height=SIZE, width=SIZE, steps=3,
+                     progress=False)
+    assert "\n" not in str(e.value)

@@ -62,6 +62,7 @@ from .layers import (
     unpatchify,
     window_size,
 )
+from .cache import run_stack
 from .rope import rope_3d
 
 ATTENTION = ("full", "factorized", "causal")
@@ -348,8 +349,9 @@ class DiT(nn.Module):
         """The blocks: h [B, L, D] fp32, c [B, D] fp32 -> [B, L, D] fp32."""
         rope = self._rope(grid, h.device)
         shared = self.adaln_shared(c).flatten(1) if self.adaln_shared is not None else None  # [B, 6D]
-        return run_blocks(self.blocks, h, c, grid, rope, context, context_mask, shared,
-                          checkpointing=self.gradient_checkpointing)
+        run = lambda h, blocks=self.blocks: run_blocks(blocks, h, c, grid, rope, context, context_mask,  # noqa: E731
+                                                     shared, checkpointing=self.gradient_checkpointing)
+        return run_stack(self, h, run, (c, shared))  # through a step cache if one is attached
 
     def cast(self, dtype: torch.dtype) -> "DiT":
         """Cast to `dtype`, keeping the time/fps embedders, adaLN and norms in fp32."""

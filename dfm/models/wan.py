@@ -50,6 +50,7 @@ from .layers import (
     run_blocks,
     unpatchify,
 )
+from .cache import run_stack
 from .rope import rope_3d
 from .wan_image import FAMILY_CONFIGS, ImageCrossAttention, ImageEmbedder
 
@@ -227,8 +228,9 @@ class WanModel(nn.Module):
             h = cp.shard(h)  # [B, L/N, D]
             t_mod = t_mod if t_mod.ndim == 3 else cp.shard(t_mod)  # [B, L/N, 6, D]
             temb = temb if temb.ndim == 2 else cp.shard(temb)  # [B, L/N, D]
-        h = run_blocks(self.blocks, h, ctx, t_mod, rope, context_mask, checkpointing=self.gradient_checkpointing,
-                       **extra)
+        run = lambda h, blocks=self.blocks: run_blocks(blocks, h, ctx, t_mod, rope, context_mask,  # noqa: E731
+                                                     checkpointing=self.gradient_checkpointing, **extra)
+        h = run_stack(self, h, run, t_mod)  # the block stack, through a step cache if one is attached
         out_mod = self.modulation_out.float() + (temb[:, None, :] if temb.ndim == 2 else temb[:, :, None, :])
         shift, scale = out_mod.chunk(2, dim=1) if temb.ndim == 2 else out_mod.unbind(2)  # 2 x [B, 1 or L, D] fp32
         out = self.proj_out(modulate(self.norm_out(h), shift, scale).to(dtype))  # [B, L, pt*ph*pw*C]

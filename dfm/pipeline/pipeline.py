@@ -19,6 +19,7 @@ from dfm.diffusion.sampling import guided_sample
 from dfm.diffusion.samplers import resolve_sampler
 from dfm.diffusion.schedules import GRIDS, Grid, sampling_grid
 from dfm.errors import UserError
+from dfm.pipeline.caching import build_cache, cached_denoiser
 from dfm.text import WordTokenizer, guidance_branches, wan_prompt_clean, words
 
 Tensor = torch.Tensor
@@ -101,6 +102,7 @@ class Generation:
     seconds: float  # wall time of the call
     fps: float
     settings: dict = field(default_factory=dict)  # the resolved arguments
+    stack_evals: int | None = None  # block-stack evaluations (one per forward, fewer with a step cache)
 
 
 class Pipeline:
@@ -350,7 +352,8 @@ class Pipeline:
     def generate(self, prompts: str | list[str], negative_prompt=None, num_frames=None, height=None, width=None,
                  steps=None, sampler=None, guidance_scale=None, shift=None, seed=None, seeds=None, progress=True,
                  callback=None, sampler_options: dict | None = None, guidance_rescale=None, guidance_interval=None,
-                 grid: str | None = None, image=None, last_image=None, guidance_scale_2=None) -> Generation:
+                 grid: str | None = None, image=None, last_image=None, guidance_scale_2=None, cache=None,
+                 cache_threshold=None) -> Generation:
         """Videos for `prompts` (None arguments take `self.defaults`); the steps are listed in dfm/pipeline/__init__.py.
 
         seeds: one per prompt (a single prompt with several seeds gives several videos); default seed, seed + 1, ...
@@ -365,12 +368,16 @@ class Pipeline:
         image / last_image: the first / last frame (Wan I2V, FLF2V, 2.2 folders): a PIL image, a path or a
         [3, H, W] tensor in [-1, 1], one for all prompts or one per prompt. guidance_scale_2: the low-noise
         expert's scale (Wan 2.2 A14B; default the folder's).
+        cache: "magcache" | "teacache" | "fbcache" | "none" (None: off, unless dfm.pipeline.caching.default_cache
+        set one), cache_threshold: its threshold (None: the method's default); see dfm/pipeline/caching.py.
         """
         start = time.perf_counter()
         negative = self.defaults["negative_prompt"] if negative_prompt is None else negative_prompt
         s = self.settings(num_frames, height, width, steps, sampler, guidance_scale, guidance_rescale,
                           guidance_interval, grid, shift, sampler_options)
         prompts, negative, seeds = self._prompts(prompts, negative, seed, seeds)
+        step_cache = build_cache(self, cache, cache_threshold, **{k: s[k] for k in ("num_frames", "height", "width",
+                                 "guidance_scale")})  # checked (and calibrated if new: at this size) before sampling
         guidance, grid_ = s["guidance_scale"], s["grid"]
         extra, finish, scale = self._image_inputs(image, last_image, guidance_scale_2, len(prompts), s)
 
@@ -396,10 +403,11 @@ class Pipeline:
                 callback({**info, "steps": grid_.steps})
 
         try:
-            latents, nfe = guided_sample(self.denoise, noise, grid_, s["sampler"], cond=cond, uncond=uncond,
-                                         guidance_scale=scale, generators=generators, callback=on_step,
-                                         rescale=s["guidance_rescale"], interval=s["interval_sigmas"],
-                                         rescale_space="flow" if self.paradigm == "flow" else "x0")
+            with cached_denoiser(self, step_cache, grid_) as denoise:
+                latents, nfe = guided_sample(denoise, noise, grid_, s["sampler"], cond=cond, uncond=uncond,
+                                             guidance_scale=scale, generators=generators, callback=on_step,
+                                             rescale=s["guidance_rescale"], interval=s["interval_sigmas"],
+                                             rescale_space="flow" if self.paradigm == "flow" else "x0")
         finally:
             if bar is not None:
                 bar.close()
@@ -412,6 +420,7 @@ class Pipeline:
         settings = {"num_frames": s["num_frames"], "height": s["height"], "width": s["width"], "steps": s["steps"],
                     "sampler": s["sampler"].name, "guidance_scale": guidance,
                     "guidance_rescale": s["guidance_rescale"], "guidance_interval": s["guidance_interval"],
-                    "grid": s["grid_name"], "shift": s["shift"], "negative_prompt": negative}
+                    "grid": s["grid_name"], "shift": s["shift"], "negative_prompt": negative,
+                    "cache": step_cache.summary() if step_cache is not None else None}
         return Generation(videos, prompts, seeds, nfe, time.perf_counter() - start, float(self.defaults["fps"]),
-                          settings)
+                          settings, step_cache.computed if step_cache is not None else nfe)
