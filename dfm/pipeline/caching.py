@@ -97,9 +97,13 @@ def fingerprint(net: torch.nn.Module) -> str:
 
 def calibrate(pipe, steps=CALIBRATION_STEPS, prompts=CALIBRATION_PROMPTS, seed: int = 0, log=None, **clip) -> dict:
     """Uncached generations of `prompts` at each step count, recorded (cache.json); `clip`: num_frames, height,
-    width, guidance_scale (None: the model's defaults; a Wan folder's are 81 frames at 480x832)."""
+    width, guidance_scale (None: the model's defaults; a Wan folder's are 81 frames at 480x832), and an
+    image-to-video model's image / last_image / guidance_scale_2."""
     net, runs = pipe.transformer, []
     clip = {k: v for k, v in clip.items() if v is not None}
+    for k in ("image", "last_image"):  # an image-to-video model calibrates on the asking generation's image
+        if isinstance(clip.get(k), (list, tuple)):
+            clip[k] = clip[k][0]  # (one for the fixed prompts)
     for n in steps:
         recorder = Recorder()
         start = time.perf_counter()

@@ -377,7 +377,8 @@ class Pipeline:
                           guidance_interval, grid, shift, sampler_options)
         prompts, negative, seeds = self._prompts(prompts, negative, seed, seeds)
         step_cache = build_cache(self, cache, cache_threshold, **{k: s[k] for k in ("num_frames", "height", "width",
-                                 "guidance_scale")})  # checked (and calibrated if new: at this size) before sampling
+                                 "guidance_scale")}, image=image, last_image=last_image,
+                                 guidance_scale_2=guidance_scale_2)  # checked (calibrated if new) before sampling
         guidance, grid_ = s["guidance_scale"], s["grid"]
         extra, finish, scale = self._image_inputs(image, last_image, guidance_scale_2, len(prompts), s)
 
