@@ -165,7 +165,8 @@ def _stop(signum, frame):
 def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="a web page for generating videos",
                        description="Serve a local web page for generating videos: prompt, negative prompt, sampler, "
-                                   "steps, guidance, seed, frames and size, the model; one queue, videos one after "
+                                   "steps, guidance, seed, frames and size, the model, a LoRA file and scale, and the "
+                                   "first / last image where the model takes them; one queue, videos one after "
                                    "the other. Each video goes to --out-dir with its contact sheet and a JSON of its "
                                    "settings (and the equivalent dfm generate command); nothing there is "
                                    "overwritten.")
