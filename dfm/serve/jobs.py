@@ -149,14 +149,20 @@ def decode_image(field: Field, text: str):
                          f"file") from None
 
 
+def check_images(pipe: Pipeline, image, last_image) -> None:
+    """The pipeline's own check of its image inputs (its conditioner's: Wan family, dfm's conditioned models)."""
+    if pipe.conditioner is None:
+        check_inputs(None, False, image, last_image, None)  # a text-to-video model: its one-line refusal
+    else:
+        pipe.conditioner.check(image, last_image, None)
+
+
 def image_inputs(pipe: Pipeline) -> dict:
     """Which image inputs the pipeline takes: {"image": "needed" | "optional" | None, "last_image": ...}."""
-    c = pipe.conditioner
-    kind, two = (c.layout, c.two_experts) if c is not None else (None, False)
 
     def takes(image, last) -> bool:
         try:
-            check_inputs(kind, two, image, last, None)
+            check_images(pipe, image, last)
             return True
         except UserError:
             return False
@@ -217,8 +223,7 @@ def check(pipe: Pipeline, values: dict) -> None:
     image, last_image = kw.pop("image"), kw.pop("last_image")
     check_seed(seed, "Seed")
     pipe.check_settings([prompts], negative, **kw)
-    c = pipe.conditioner
-    check_inputs(c.layout if c is not None else None, c is not None and c.two_experts, image, last_image, None)
+    check_images(pipe, image, last_image)
     if values["lora"] is not None:
         check_lora_files([values["lora"]])
         load_lora_file(pipe.transformer, values["lora"])  # read only: the keys and widths fit this model
