@@ -193,3 +193,83 @@ def test_cli_serve_errors_are_one_line(tmp_path, capsys):
         assert main(["serve", "--port", str(port), "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"dfm serve: error: port {port} on 127.0.0.1 is in use; pass --port N (0: any free port)"
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    """A random LoRA (every matrix nonzero, as after training) for the shipped Wan model, saved as dfm saves one."""
+    import torch
+
+    from dfm.models.lora import LoRA
+    from dfm.models.lora_files import save_lora
+    from dfm.pipeline import load_pipeline
+    from dfm.pipeline.commands import model_path
+
+    net = load_pipeline(model_path("models/wan_flow_digits")).transformer
+    torch.manual_seed(3)
+    lora = LoRA.create(net, rank=2, alpha=2.0)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.2)
+    return save_lora(net, lora, tmp_path_factory.mktemp("lora") / "digits_lora.safetensors")
+
+
+def run_command(result: dict, cwd: Path, monkeypatch) -> Path:
+    """The job's `dfm generate` command through the real CLI (a fresh pipeline) from `cwd`; its video."""
+    monkeypatch.chdir(cwd)
+    argv = shlex.split(result["command"])
+    assert main(argv[1:] + ["--no-progress"]) == 0
+    return cwd / argv[argv.index("--out") + 1]
+
+
+def test_lora_job_then_a_plain_one(worker, lora_file, tmp_path, monkeypatch):
+    """A job with a LoRA is `dfm generate --lora PATH:SCALE`; the next job without one gets the plain model's video
+    (the cached pipeline's adapter was removed), equal to a fresh `dfm generate`."""
+    request = {"prompt": "the digit 7 moves left", "steps": "3", "frames": "5", "seed": "2"}
+    with_lora = wait(worker, worker.submit({**request, "lora": str(lora_file), "lora_scale": "0.7"}).id)
+    plain = wait(worker, worker.submit(request).id)
+    assert with_lora["state"] == plain["state"] == "done", (with_lora, plain)
+    a, b = with_lora["result"], plain["result"]
+    assert f"--lora {lora_file.resolve()}:0.7" in a["command"] and "--lora" not in b["command"]
+    assert (a["lora"], a["lora_scale"]) == (str(lora_file.resolve()), 0.7) and "lora" not in b
+    assert json.loads((worker.out_dir / a["json"]).read_text())["lora"] == str(lora_file.resolve())
+    folder = worker.out_dir
+    assert not np.array_equal(decode_frames(folder / a["video"]), decode_frames(folder / b["video"]))  # it acts
+    for result, name in ((a, "lora"), (b, "plain")):
+        (tmp_path / name).mkdir()
+        out = run_command(result, tmp_path / name, monkeypatch)
+        assert np.array_equal(decode_frames(out), decode_frames(folder / result["video"])), name
+    assert "lora" not in worker.models.get("models/wan_flow_digits").source
+
+
+def test_bad_lora_is_one_line(worker, lora_file, tmp_path):
+    queued = len(worker.jobs)
+    base = {"prompt": "a", "steps": "2"}
+    assert "not found or not a .safetensors file" in one_line_error(worker, {**base, "lora": str(tmp_path / "x")})
+    from safetensors.torch import save_file
+    import torch
+
+    junk = tmp_path / "junk.safetensors"
+    save_file({"hello": torch.zeros(1)}, junk)
+    assert "not a LoRA key" in one_line_error(worker, {**base, "lora": str(junk)})
+    assert "LoRA for a Wan model" in one_line_error(worker, {**base, "model": "models/dit_edm_digits",
+                                                             "lora": str(lora_file)})
+    assert "LoRA file is empty" in one_line_error(worker, {**base, "lora_scale": "0.5"})
+    assert "LoRA scale must be a number" in one_line_error(worker, {**base, "lora": str(lora_file),
+                                                                    "lora_scale": "big"})
+    assert "takes no image" in one_line_error(worker, {**base, "image": png_data_url()})
+    assert len(worker.jobs) == queued
+    described = worker.models.describe("models/wan_flow_digits")
+    assert (described["image"], described["last_image"]) == (None, None)
+
+
+def png_data_url(size=(12, 10), seed: int = 0) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -65,7 +65,7 @@ def open_page(context, url: str):
 
 def loaded(page, model: str) -> None:
     """Waits until the page has put `model`'s settings in the form (filling it before would be overwritten)."""
-    expect(page.locator("body")).to_have_attribute("data-model", model)
+    expect(page.locator("body")).to_have_attribute("data-model", model, timeout=TIMEOUT_MS)  # a first load: seconds
 
 
 def fill(page, prompt: str, **fields) -> None:
@@ -171,4 +171,71 @@ def test_model_picker_shipped_and_folder(server, browser):
     page.get_by_label("Model folder").blur()
     loaded(page, "!/no/such/folder")
     expect(page.locator("#error")).to_contain_text("Model /no/such/folder: model folder /no/such/folder not found")
+    context.close()
+
+
+def test_lora_fields_round_trip(server, browser, tmp_path):
+    """A LoRA file and scale typed in the page reach the job (the command spells --lora PATH:SCALE, the settings
+    hold both); a missing file is one line on the page; the image input stays hidden for a text-to-video model."""
+    import torch
+
+    from dfm.models.lora import LoRA
+    from dfm.models.lora_files import save_lora
+    from dfm.pipeline import load_pipeline
+
+    net = load_pipeline(ROOT / "models" / "wan_flow_digits").transformer
+    torch.manual_seed(0)
+    lora = LoRA.create(net, rank=2)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.2)
+    path = save_lora(net, lora, tmp_path / "digits_lora.safetensors")
+    url, out = server
+    context = browser.new_context()
+    page = open_page(context, url)
+    expect(page.locator("#image")).to_be_hidden()
+    page.get_by_label("LoRA file").fill(str(tmp_path / "missing.safetensors"))
+    fill(page, "the digit 5 moves up", frames=5, steps=3, seed=1)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#error")).to_contain_text("missing.safetensors: not found or not a .safetensors file")
+    page.get_by_label("LoRA file").fill(str(path))
+    page.get_by_label("LoRA scale").fill("0.5")
+    shown = generate(page, "the digit 5 moves up", frames=5, steps=3, seed=1)
+    settings = json.loads(shown["settings"])
+    assert (settings["lora"], settings["lora_scale"]) == (str(path.resolve()), 0.5)
+    assert f"--lora {path.resolve()}:0.5" in shown["command"]
+    assert decode_frames(out / settings["video"]).shape[0] == 5
+    context.close()
+
+
+def test_image_upload_for_an_i2v_folder(server, browser, tmp_path_factory, tmp_path):
+    """A tiny random Wan I2V folder by its path: the image input appears; Generate without one is the model's
+    one-line error; a chosen file (read by the page's FileReader) gives a video and the saved image."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("ftfy")
+    family = pytest.importorskip("test_wan_family_pipeline")
+    folder = str(family.build(family.make_parts(tmp_path_factory.mktemp("wan_family")), "i2v", "unipc"))
+    url, out = server
+    context = browser.new_context()
+    page = open_page(context, url)
+    page.select_option("#model", "")
+    page.get_by_label("Model folder").fill(folder)
+    page.get_by_label("Model folder").blur()
+    loaded(page, folder)
+    expect(page.locator("#image")).to_be_visible()
+    expect(page.locator("#hint_image")).to_contain_text("this model needs it")
+    fill(page, "a red square", frames=family.FRAMES, steps=2, seed=1, height=family.SIZE, width=family.SIZE)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#error")).to_contain_text("Wan I2V folder: it needs an image")
+    picture = tmp_path / "first.png"
+    family.image(7).save(picture)
+    page.set_input_files("#image", str(picture))
+    shown = generate(page, "a red square", frames=family.FRAMES, steps=2, seed=1, height=family.SIZE,
+                     width=family.SIZE)
+    settings = json.loads(shown["settings"])
+    import numpy as np
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(out / settings["image"])), np.asarray(Image.open(picture)))
+    assert "--image " in shown["command"] and decode_frames(out / settings["video"]).shape[0] == family.FRAMES
     context.close()

@@ -60,7 +60,11 @@ def vae(version: str):
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan_family")
+    return make_parts(tmp_path_factory.mktemp("wan_family"))
+
+
+def make_parts(root):
+    """The shared pieces of the folders (tokenizer, UMT5, CLIP and its processor), with `root` for build()."""
     torch.manual_seed(0)
     tok = tokenizer(root)
     text = transformers.UMT5EncoderModel(transformers.UMT5Config(

@@ -9,12 +9,19 @@ them.
 
 A new form field is one `Field` here (the page draws it, `parse_request` types it, `command_line` spells it):
 a `Pipeline.generate` keyword goes in `arg`; one that acts on the pipeline instead (a LoRA file and scale through
-`Pipeline.load_lora`) has `arg=None` and is applied in `Worker._run` before `generate`.
+`Pipeline.load_lora`) has `arg=None` and is applied in `Worker._run` before `generate` (and always removed after
+it: the pipeline is cached across jobs). An image (kind "image") comes as a data URL the page read from a file; it
+is decoded at submit, saved beside the video as STEM_image.png and passed to `generate(image=...)`, so the recorded
+`dfm generate --image PATH` makes the same video.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
+import math
 import os
 import re
 import shlex
@@ -35,6 +42,8 @@ from dfm.errors import UserError, first_line
 from dfm.io import write_text_atomic
 from dfm.pipeline.commands import check_output, model_path, write_outputs
 from dfm.pipeline.folders import DEFAULT_MODEL, load_pipeline
+from dfm.pipeline.lora import check_lora_files, load_lora_file
+from dfm.pipeline.wan_family import check_inputs
 from dfm.pipeline.pipeline import SEED_LIMIT, Pipeline, PipelineError, check_seed
 
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"  # the shipped model folders
@@ -46,7 +55,7 @@ class ServeError(UserError):
 
 @dataclass(frozen=True)
 class Field:
-    """One input of the form. kind: text | textarea | int | float | sampler | seed | model."""
+    """One input of the form. kind: text | textarea | int | float | sampler | seed | model | image."""
 
     name: str  # the request key and the input's id
     label: str
@@ -69,7 +78,12 @@ FIELDS = (
     Field("frames", "Frames", "int", "--frames", "num_frames", "num_frames"),
     Field("height", "Height", "int", "--height", "height", "height"),
     Field("width", "Width", "int", "--width", "width", "width"),
+    Field("lora", "LoRA file", "text", "--lora", None, hint="a .safetensors file on the server; empty: none"),
+    Field("lora_scale", "LoRA scale", "float", None, None, hint="empty: 1"),  # spelled in --lora PATH:SCALE
+    Field("image", "Image (first frame)", "image", "--image", "image", hint="PNG or JPEG"),
+    Field("last_image", "Last image", "image", "--last-image", "last_image", hint="PNG or JPEG"),
 )
+IMAGES = ("image", "last_image")
 
 
 def shipped_models() -> list[str]:
@@ -102,13 +116,60 @@ def parse_request(data: dict) -> dict:
                 values[f.name] = int.from_bytes(os.urandom(4), "little")
             else:
                 values[f.name] = check_seed(_number(Field("seed", "Seed", "int", None, None), str(text)), "Seed")
+        elif f.kind == "image":
+            values[f.name] = None if text in ("", None) else decode_image(f, text)
         else:
             values[f.name] = None if text == "" else text
     if not values["prompt"]:
         raise ServeError("Prompt is empty: write what the video should show")
     values["model"] = values["model"] or DEFAULT_MODEL
+    if values["lora"] is None and values["lora_scale"] is not None:
+        raise ServeError("LoRA scale is set but LoRA file is empty: give the LoRA file, or clear the scale")
+    if values["lora"] is not None:
+        values["lora"] = str(Path(values["lora"]).expanduser().resolve())  # the recorded command runs anywhere
+        values["lora_scale"] = 1.0 if values["lora_scale"] is None else values["lora_scale"]
+        if not math.isfinite(values["lora_scale"]):
+            raise ServeError(f"LoRA scale must be a finite number, got {values['lora_scale']}")
     return values
 
+
+def decode_image(field: Field, text: str):
+    """A data URL (`data:image/png;base64,...`, what the page's FileReader gives) -> an RGB PIL image."""
+    from PIL import Image, UnidentifiedImageError
+
+    head, sep, payload = str(text).partition(",")
+    if not (sep and head.startswith("data:") and head.endswith(";base64")):
+        raise ServeError(f"{field.label}: expected an uploaded file (a base64 data URL); choose a PNG or JPEG file")
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(payload, validate=True))) as im:
+            return im.convert("RGB")
+    except (binascii.Error, OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        why = first_line(e, type(e).__name__)
+        raise ServeError(f"{field.label}: cannot read the uploaded file as an image ({why}); choose a PNG or JPEG "
+                         f"file") from None
+
+
+def check_images(pipe: Pipeline, image, last_image) -> None:
+    """The pipeline's own check of its image inputs (its conditioner's: Wan family, dfm's conditioned models)."""
+    if pipe.conditioner is None:
+        check_inputs(None, False, image, last_image, None)  # a text-to-video model: its one-line refusal
+    else:
+        pipe.conditioner.check(image, last_image, None)
+
+
+def image_inputs(pipe: Pipeline) -> dict:
+    """Which image inputs the pipeline takes: {"image": "needed" | "optional" | None, "last_image": ...}."""
+
+    def takes(image, last) -> bool:
+        try:
+            check_images(pipe, image, last)
+            return True
+        except UserError:
+            return False
+
+    first, both = takes(1, None), takes(1, 1)  # (any value stands for an image: only None-ness is checked)
+    return {"image": None if not (first or both) else "optional" if takes(None, None) else "needed",
+            "last_image": None if not both else "optional" if first else "needed"}
 
 def generate_kwargs(values: dict) -> dict:
     return {f.arg: values[f.name] for f in FIELDS if f.arg is not None}
@@ -150,22 +211,30 @@ class Models:
         size_step = next((m for m in range(1, 257) if fits(d["num_frames"], m, m)), 1)
         return {"model": name, "arch": pipe.arch, "paradigm": pipe.paradigm, "samplers": sampler_names(pipe.paradigm),
                 "defaults": {f.name: d[f.default] for f in FIELDS if f.default}, "frames": frames[:12],
-                "frame_step": frames[1] - frames[0] if len(frames) > 1 else 1, "size_step": size_step}
+                "frame_step": frames[1] - frames[0] if len(frames) > 1 else 1, "size_step": size_step,
+                **image_inputs(pipe)}
 
 
 def check(pipe: Pipeline, values: dict) -> None:
-    """Everything `Pipeline.generate` checks before sampling (one-line PipelineError / SamplingError)."""
+    """Everything `Pipeline.generate` checks before sampling (one-line PipelineError / SamplingError / LoRAError),
+    the LoRA file read and matched against the model."""
     kw = generate_kwargs(values)
     prompts, negative, seed = kw.pop("prompts"), kw.pop("negative_prompt"), kw.pop("seed")
+    image, last_image = kw.pop("image"), kw.pop("last_image")
     check_seed(seed, "Seed")
     pipe.check_settings([prompts], negative, **kw)
+    check_images(pipe, image, last_image)
+    if values["lora"] is not None:
+        check_lora_files([values["lora"]])
+        load_lora_file(pipe.transformer, values["lora"])  # read only: the keys and widths fit this model
 
 
 def command_line(values: dict, settings: dict, device: str, dtype: str, out: Path) -> str:
     """The `dfm generate` command that makes the same video: every setting spelled out (none left to defaults)."""
     resolved = {"negative": settings["negative_prompt"], "sampler": settings["sampler"], "steps": settings["steps"],
                 "guidance": settings["guidance_scale"], "frames": settings["num_frames"], "height": settings["height"],
-                "width": settings["width"], "model": values["model"], "seed": values["seed"]}
+                "width": settings["width"], "model": values["model"], "seed": values["seed"],
+                "lora": f"{values['lora']}:{values['lora_scale']:g}" if values.get("lora") else None}
     words = ["dfm", "generate", values["prompt"]]
     for f in FIELDS:
         value = resolved.get(f.name, values.get(f.name))
@@ -187,12 +256,14 @@ def slug(text: str, limit: int = 40) -> str:
 
 
 def reserve(folder: Path, base: str) -> Path:
-    """A new name folder/STEM (STEM = base, base_2, ...) whose .mp4, .png and .json are all free; the .json is
+    """A new name folder/STEM (STEM = base, base_2, ...) whose .mp4, .png, _image.png, _last_image.png and .json
+    are all free (a stem ends in _sSEED or _sSEED_N, so no other stem is STEM_image); the .json is
     created exclusively, so two writers never get the same name and no existing file is ever replaced."""
     folder.mkdir(parents=True, exist_ok=True)
     for n in range(1, 100000):
         stem = folder / (base if n == 1 else f"{base}_{n}")
-        if any(stem.with_suffix(s).exists() for s in (".mp4", ".png")):
+        if any(stem.with_suffix(s).exists() for s in (".mp4", ".png")) or \
+                any(image_path(stem, k).exists() for k in IMAGES):
             continue
         try:
             os.close(os.open(stem.with_suffix(".json"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
@@ -200,6 +271,10 @@ def reserve(folder: Path, base: str) -> Path:
             continue
         return stem
     raise ServeError(f"{folder} holds 99999 videos named {base}*: choose another --out-dir")
+
+
+def image_path(stem: Path, key: str) -> Path:
+    return stem.with_name(f"{stem.name}_{key}.png")
 
 
 @dataclass
@@ -289,14 +364,29 @@ class Worker:
         def on_step(info: dict) -> None:
             job.step, job.steps = info["i"] + 1, info["steps"]
 
-        out = pipe.generate(prompt, seed=seed, progress=False, callback=on_step, **kw)
+        # pipeline-level fields: the LoRA is on the cached pipeline for this job only
+        adapter = pipe.load_lora(values["lora"], values["lora_scale"]) if values["lora"] else None
+        try:
+            out = pipe.generate(prompt, seed=seed, progress=False, callback=on_step, **kw)
+        finally:
+            if adapter is not None:
+                pipe.unload_lora(adapter)
         job.phase = "writing the files"
         negative = out.settings["negative_prompt"]  # one per prompt: ours alone
         settings = {**out.settings, "negative_prompt": negative[0] if isinstance(negative, list) else negative}
         stem = reserve(self.out_dir, f"{slug(prompt)}_s{seed}")
+        images = {}
+        for key in IMAGES:  # the images given, beside the video: the command reads them back
+            if values[key] is not None:
+                images[key] = image_path(stem, key)
+                with open(images[key], "xb") as f:  # reserve() found the name free; never replace a file
+                    values[key].save(f, format="PNG")
+                values[key] = str(images[key].resolve())  # the job keeps the path, not the picture
         (video,), sheet = write_outputs(out, stem.with_suffix(".mp4"))
         command = command_line(values, settings, self.device, self.dtype, Path("outputs") / f"{stem.name}.mp4")
-        record = {"prompt": prompt, "model": values["model"], "seed": seed, **settings, "fps": out.fps,
+        lora = {"lora": values["lora"], "lora_scale": values["lora_scale"]} if values["lora"] else {}
+        record = {"prompt": prompt, "model": values["model"], "seed": seed, **settings, **lora,
+                  **{k: p.name for k, p in images.items()}, "fps": out.fps,
                   "nfe": out.nfe, "seconds": round(out.seconds, 3), "video": video.name, "sheet": sheet.name,
                   "command": command, "started": started, "finished": time.time()}
         write_text_atomic(stem.with_suffix(".json"), json.dumps(record, indent=2) + "\n")  # over its reservation

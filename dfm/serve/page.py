@@ -28,7 +28,7 @@ pre { background: #f4f4f4; padding: .6em; white-space: pre-wrap; word-break: bre
 
 SCRIPT = """
 const $ = (id) => document.getElementById(id);
-let info = null;
+let info = null; const images = {};
 function modelName() { return $('model').value === '' ? $('model_path').value.trim() : $('model').value; }
 async function loadModel() {
   $('model_path').hidden = $('model').value !== '';
@@ -48,12 +48,27 @@ async function loadModel() {
   for (const k of ['height', 'width']) { $(k).step = j.size_step; $(k).min = j.size_step; }
   $('hint_frames').textContent = 'this model: ' + j.frames.join(', ') + ', ...';
   $('hint_height').textContent = $('hint_width').textContent = 'multiples of ' + j.size_step;
+  for (const k of ['image', 'last_image']) {  // shown only where the model takes it
+    $('box_' + k).hidden = !j[k];
+    if (!j[k]) { $(k).value = ''; delete images[k]; }
+    $('hint_' + k).textContent = j[k] === 'needed' ? 'this model needs it (PNG or JPEG)' : 'optional (PNG or JPEG)';
+  }
   document.body.dataset.model = name;
 }
-function form() {
+function readImage(k) {  // the chosen file as a data URL (a promise of it), sent in the JSON request
+  const file = $(k).files[0]; delete images[k]; if (!file) return;
+  images[k] = new Promise((ok) => {
+    const reader = new FileReader();
+    reader.onload = () => ok(reader.result);
+    reader.onerror = () => { $('error').textContent = 'cannot read ' + file.name + ' in the browser'; ok(null); };
+    reader.readAsDataURL(file);
+  });
+}
+async function form() {
   const data = {seed_random: $('seed_random').checked};
   for (const el of document.querySelectorAll('[data-field]')) data[el.id] = el.value;
   data.model = modelName();
+  for (const [k, v] of Object.entries(images)) if (!$('box_' + k).hidden) data[k] = await v;
   return data;
 }
 function showResult(r) {
@@ -89,7 +104,7 @@ async function generate() {
   $('error').textContent = ''; $('generate').disabled = true;
   try {
     const r = await fetch('/api/generate', {method: 'POST', headers: {'Content-Type': 'application/json'},
-                                            body: JSON.stringify(form())});
+                                            body: JSON.stringify(await form())});
     const j = await r.json();
     if (!r.ok) { $('error').textContent = j.error; return; }
     $('status').textContent = 'Queued'; await poll(j.id);
@@ -98,6 +113,7 @@ async function generate() {
 }
 $('model').addEventListener('change', loadModel); $('model_path').addEventListener('change', loadModel);
 $('generate').addEventListener('click', generate);
+for (const k of ['image', 'last_image']) $(k).addEventListener('change', () => readImage(k));
 loadModel();
 """
 
@@ -119,6 +135,8 @@ def _input(f: Field, models: list[str], selected: str) -> str:
     if f.kind == "seed":
         return (f'{label}<div class="seed"><input type="number" id="seed" data-field min="0" value="0">'
                 f'<input type="checkbox" id="seed_random" checked><label for="seed_random">random</label></div>{hint}')
+    if f.kind == "image":  # hidden until the model says it takes one
+        return f'<div id="box_{f.name}" hidden>{label}<input type="file" id="{f.name}" accept="image/*">{hint}</div>'
     kind = "text" if f.kind == "text" else "number"
     step = ' step="any"' if f.kind == "float" else ""
     return f'{label}<input type="{kind}" id="{f.name}" data-field{step}>{hint}'

@@ -30,7 +30,7 @@ from dfm.serve.jobs import Models, ServeError, Worker, shipped_models
 from dfm.serve.page import render
 
 FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+\.(mp4|png|json)$")
-MAX_BODY = 1 << 20
+MAX_BODY = 64 << 20  # the form, and its images as data URLs
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -80,7 +80,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(404, {"error": f"no page {self.path}"})
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
-            return self._json(413, {"error": f"the request is over {MAX_BODY} bytes"})
+            return self._json(413, {"error": f"the request is over {MAX_BODY >> 20} MiB; choose a smaller image"})
         try:
             data = json.loads(self.rfile.read(length) or b"{}")
             job = self.server.worker.submit(data)
@@ -165,7 +165,8 @@ def _stop(signum, frame):
 def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="a web page for generating videos",
                        description="Serve a local web page for generating videos: prompt, negative prompt, sampler, "
-                                   "steps, guidance, seed, frames and size, the model; one queue, videos one after "
+                                   "steps, guidance, seed, frames and size, the model, a LoRA file and scale, and the "
+                                   "first / last image where the model takes them; one queue, videos one after "
                                    "the other. Each video goes to --out-dir with its contact sheet and a JSON of its "
                                    "settings (and the equivalent dfm generate command); nothing there is "
                                    "overwritten.")
