@@ -352,6 +352,9 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
     if path is None:
         raise PipelineError(f"{given} is not a trainer checkpoint (a step_* folder with state.json, its "
                             f"checkpoints/ folder or a run directory); check the path")
+    r = read_recipe(path / "config.yaml")[0] if (path / "config.yaml").is_file() else None
+    if r is not None and r.lora.rank and lora.diffusers_wan(r.model.init_from):  # the Wan folder + the adapters
+        return lora.wan_run(load_pipeline(r.model.init_from, device, dtype), r.lora, load_checkpoint(path), ema, path)
     trained = _checkpoint_config(path)
     r, text, vae = trained.recipe, trained.text, trained.vae
     diffusion, defaults = _checkpoint_recipe(trained, **overrides)
@@ -360,7 +363,7 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
                          in_channels(r.conditioning, vae.channels, getattr(vae, "temporal_factor", 1)))
     module = DiffusionModule(net, text if small else None, r.diffusion, r.text.null, r.conditioning)
     if r.lora.rank:  # a LoRA run: the base of model.init_from with its adapters (dfm/pipeline/lora.py)
-        lora.run_module(module, r, lora.base_of(load_pipeline(r.model.init_from), r.model.init_from))
+        lora.run_module(module, r, lora.load_base(r.model.init_from))
     ckpt = load_checkpoint(path)
     use_ema = ema and ckpt["ema"] is not None
     try:
