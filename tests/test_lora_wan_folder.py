@@ -20,6 +20,7 @@ from test_wan_pipeline import FRAMES, PROMPTS, SIZE, noise, wan_folders  # noqa:
 
 from dfm import cli  # noqa: E402
 from dfm.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from dfm.models import WAN_CONFIGS  # noqa: E402
 from dfm.models.lora import adapters  # noqa: E402
 from dfm.pipeline import WAN_NEGATIVE_PROMPT, load_pipeline  # noqa: E402
 from dfm.video import write_video  # noqa: E402
@@ -112,6 +113,18 @@ def test_unsupported_init_from_folders_get_one_line(run, tmp_path, capsys):
     refused(variant("two", transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.875),
             "two-expert Wan 2.2", "Wan 2.1 text-to-video")
     refused(variant("i2v", _class_name="WanImageToVideoPipeline"), "image-to-video", "Wan 2.1 text-to-video")
+    refused(variant("sd", _class_name="StableDiffusionPipeline"), "neither a dfm model folder", "diffusers Wan")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "weights.bin").write_bytes(b"x")
     refused(tmp_path / "other", "neither a dfm model folder", "diffusers Wan")
+
+
+def test_a_released_size_is_named_not_overridden(run, tmp_path, capsys):
+    """A folder whose transformer is Wan2.1-T2V-1.3B's (config.json only: --dry-run loads no weights)."""
+    folder = tmp_path / "wan13b"
+    shutil.copytree(run["folder"], folder)
+    (folder / "transformer" / "config.json").write_text(json.dumps(WAN_CONFIGS["1.3B"].to_diffusers()))
+    assert cli.main(["train", "--config", str(run["recipe"]), f"model.init_from={folder}", "lora.rank=2",
+                     "--dry-run"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["size"] == "1.3B" and cfg["model"]["overrides"] == {}

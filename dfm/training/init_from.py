@@ -35,6 +35,14 @@ def wan_index(folder: Path) -> dict | None:
     return index if isinstance(index, dict) and str(index.get("_class_name", "")).startswith("Wan") else None
 
 
+def _is_dfm(folder: Path) -> bool:
+    """A dfm model folder (model_index.json with "format": "dfm") or a trainer run / checkpoint."""
+    try:
+        return json.loads((folder / "model_index.json").read_text()).get("format") == "dfm"
+    except (OSError, ValueError, AttributeError):
+        return find_checkpoint(folder) is not None
+
+
 def check_wan_folder(folder: Path, index: dict) -> WanConfig:
     """The folder's transformer config, or one line saying which Wan folders model.init_from supports."""
     name = index.get("_class_name")
@@ -59,10 +67,10 @@ def resolve_init_from(cfg) -> None:
     folder = Path(cfg.model.init_from)
     index = wan_index(folder)
     if index is None:
-        if not (folder / "model_index.json").is_file() and find_checkpoint(folder) is None:
-            raise ConfigError(f"model.init_from={folder} is neither a dfm model folder or run nor a diffusers Wan "
-                              f"folder (no model_index.json, no checkpoint); {SUPPORTED}")
-        return
+        if _is_dfm(folder):
+            return
+        raise ConfigError(f"model.init_from={folder} is neither a dfm model folder or run nor a diffusers Wan "
+                          f"folder; {SUPPORTED}")
     wan = check_wan_folder(folder, index)
     m = cfg.model
     if m.arch != "wan" or cfg.diffusion.paradigm != "flow":
