@@ -93,6 +93,8 @@ def test_run_exports_a_lora_diffusers_loads(run, tmp_path):
     from_run = load_pipeline(run["run"])  # the Wan folder (its sampler, shift, UMT5, VAE) + the run's adapters
     assert list(adapters(from_run.transformer)) == ["default"] and from_run.defaults == ours.defaults
     torch.testing.assert_close(from_run.generate(PROMPTS, **GEN).videos, tuned, atol=1e-6, rtol=0)
+    assert cli.main(["export", str(run["run"]), str(tmp_path / "merged")]) == 2  # no dfm folder of a Wan model
+    assert not (tmp_path / "merged").exists()
 
 
 def test_unsupported_init_from_folders_get_one_line(run, tmp_path, capsys):

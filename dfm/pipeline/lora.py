@@ -155,11 +155,19 @@ def diffusers_wan(folder) -> bool:
     return isinstance(index, dict) and str(index.get("_class_name", "")).startswith("Wan")
 
 
-def load_base(source) -> Base:
+def wan_lora_recipe(checkpoint):
+    """The ModelRecipe of a LoRA run (a trainer checkpoint folder) on a diffusers Wan folder, else None."""
+    from dfm.model import read_recipe
+
+    config = Path(checkpoint) / "config.yaml"
+    recipe = read_recipe(config)[0] if config.is_file() else None
+    return recipe if recipe is not None and recipe.lora.rank and diffusers_wan(recipe.model.init_from) else None
+
+
+def load_base(source, load_pipeline) -> Base:
     """The Base of model.init_from: a diffusers Wan folder's transformer alone (its VAE and UMT5 are the run's
-    own, named by the config), else `base_of(load_pipeline(source))`."""
+    own, named by the config), else `base_of(load_pipeline(source))` (dfm.pipeline.folders.load_pipeline)."""
     from dfm.models import WanModel
-    from dfm.pipeline.folders import load_pipeline
 
     if diffusers_wan(source):
         net = WanModel.from_pretrained(Path(source) / "transformer")

@@ -42,6 +42,7 @@ from dfm.errors import UserError, first_line
 from dfm.model import (DiffusionModule, build_autoencoder, build_backbone, build_text_encoder, sampling_defaults,
                        sampling_recipe, set_activation_checkpointing)
 from dfm.pipeline import lora as lora_runs
+from dfm.pipeline.folders import load_pipeline
 from dfm.pipeline.pipeline import SEED_LIMIT, Pipeline, PipelineError, count_tokens
 from dfm.text import SmallTextEncoder, WordTokenizer, pad_context
 from dfm.conditioning import in_channels
@@ -178,7 +179,7 @@ class Trainer:
         if self.latents:
             check_latent_dataset(cfg, self.dataset, self.autoencoder)
         init = cfg.model.init_from  # the weights to start from (a LoRA's frozen base)
-        base = lora_runs.load_base(init) if init else None
+        base = lora_runs.load_base(init, load_pipeline) if init else None
         vocab = self.resume.vocab if self.resume else base.vocab if base and base.vocab else \
             WordTokenizer.from_captions(vocabulary_captions(cfg, self.dataset)).vocab
         torch.manual_seed(D.derive_seed(t.seed, 0xC0DE))  # identical initial weights on every rank
