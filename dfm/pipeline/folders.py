@@ -352,6 +352,14 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
     if path is None:
         raise PipelineError(f"{given} is not a trainer checkpoint (a step_* folder with state.json, its "
                             f"checkpoints/ folder or a run directory); check the path")
+    r = lora.wan_lora_recipe(path)
+    if r is not None:  # a LoRA run on a diffusers Wan folder: that folder + the adapters
+        pipe = lora.wan_run(load_pipeline(r.model.init_from, device, dtype), r.lora, load_checkpoint(path), ema, path)
+        bad = [k for k in overrides if k not in DEFAULT_KEYS]
+        if bad:
+            raise PipelineError(f"unknown default {bad[0]!r}; valid: {', '.join(DEFAULT_KEYS)}")
+        pipe.defaults.update({k: v for k, v in overrides.items() if v is not None})
+        return pipe
     trained = _checkpoint_config(path)
     r, text, vae = trained.recipe, trained.text, trained.vae
     diffusion, defaults = _checkpoint_recipe(trained, **overrides)
@@ -360,7 +368,7 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
                          in_channels(r.conditioning, vae.channels, getattr(vae, "temporal_factor", 1)))
     module = DiffusionModule(net, text if small else None, r.diffusion, r.text.null, r.conditioning)
     if r.lora.rank:  # a LoRA run: the base of model.init_from with its adapters (dfm/pipeline/lora.py)
-        lora.run_module(module, r, lora.base_of(load_pipeline(r.model.init_from), r.model.init_from))
+        lora.run_module(module, r, lora.load_base(r.model.init_from, load_pipeline))
     ckpt = load_checkpoint(path)
     use_ema = ema and ckpt["ema"] is not None
     try:
@@ -482,6 +490,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = True,
     out, run = Path(out), Path(checkpoint)
     vae = next((p for p in (run / "model", run) if _exported_kind(p) == "vae"), None)
     if vae is None:
+        wan = lora.wan_lora_recipe(find_checkpoint(run) or run) if run.exists() else None
+        if wan is not None:
+            raise PipelineError(f"{checkpoint} is a LoRA run on the diffusers Wan folder {wan.model.init_from}; "
+                                f"export its adapters with `dfm export {checkpoint} OUT.safetensors --lora-only`")
         check_export_target(out, overwrite, "dfm")
         return save_pipeline(pipeline_from_checkpoint(checkpoint, ema=ema, **overrides), out, overwrite=overwrite)
     given = [k for k, v in overrides.items() if v is not None] + ([] if ema else ["no_ema"])

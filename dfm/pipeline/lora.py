@@ -144,6 +144,54 @@ def base_of(pipe, source: str) -> Base:
                 str(source))
 
 
+def diffusers_wan(folder) -> bool:
+    """A diffusers Wan folder (model_index.json of a Wan pipeline class), not a dfm folder or run."""
+    import json
+
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and str(index.get("_class_name", "")).startswith("Wan")
+
+
+def wan_lora_recipe(checkpoint):
+    """The ModelRecipe of a LoRA run (a trainer checkpoint folder) on a diffusers Wan folder, else None."""
+    from dfm.model import read_recipe
+
+    config = Path(checkpoint) / "config.yaml"
+    recipe = read_recipe(config)[0] if config.is_file() else None
+    return recipe if recipe is not None and recipe.lora.rank and diffusers_wan(recipe.model.init_from) else None
+
+
+def load_base(source, load_pipeline) -> Base:
+    """The Base of model.init_from: a diffusers Wan folder's transformer alone (its VAE and UMT5 are the run's
+    own, named by the config), else `base_of(load_pipeline(source))` (dfm.pipeline.folders.load_pipeline)."""
+    from dfm.models import WanModel
+
+    if diffusers_wan(source):
+        net = WanModel.from_pretrained(Path(source) / "transformer")
+        return Base({k: v.detach() for k, v in net.state_dict().items()}, None, None, str(source))
+    return base_of(load_pipeline(source), source)
+
+
+def wan_run(pipe, cfg, ckpt: dict, ema: bool, path) -> object:
+    """A LoRA run on a diffusers Wan folder (load_pipeline(RUN)): `pipe` = load_pipeline(that folder), with its
+    sampling settings, plus the run's adapters (`cfg` its lora section; EMA weights unless ema=False)."""
+    state = ckpt["ema"] if ema and ckpt["ema"] is not None else ckpt["model"]
+    lora = LoRA.create(backbone(pipe.transformer), cfg.rank, cfg.alpha or None, cfg.targets, cfg.dropout,
+                       init=False)
+    try:
+        lora.load_state_dict({k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}, strict=True)
+    except RuntimeError as e:
+        raise LoRAError(f"{path}: its adapters do not fit {pipe.source.get('folder')} ({first_line(e)[:200]}); "
+                        f"load the run with the Wan folder it was trained on") from None
+    add(pipe, lora.eval().to(pipe.device))
+    pipe.source.update(checkpoint=str(path), step=int(ckpt["step"]), weights="ema" if state is ckpt["ema"] else
+                       "model")
+    return pipe
+
+
 def init_module(module, base: Base) -> None:
     """Copy the base's weights into a DiffusionModule built from the run's config (one line if they differ)."""
     for part, state in (("net", base.net), ("text", base.text)):

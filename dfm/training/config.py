@@ -15,6 +15,7 @@ from dfm.diffusion.samplers import SamplingError, resolve_sampler
 from dfm.errors import UserError
 from dfm.model import ModelRecipe, backbone_config
 from dfm.pipeline.pipeline import GRID_NAMES
+from dfm.training.init_from import resolve_init_from
 
 
 @dataclass
@@ -155,6 +156,7 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
             raise ConfigError(f"model.init_from={cfg.model.init_from} does not exist; pass a dfm model folder, a "
                               f"trainer run or a diffusers Wan folder")
         cfg.model.init_from = str(Path(cfg.model.init_from).resolve())  # the run's config.yaml works from anywhere
+        resolve_init_from(cfg)  # a diffusers Wan folder: its transformer config, VAE, UMT5 and flow settings
 
 
 def config_changes(saved: Path, cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:

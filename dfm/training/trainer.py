@@ -179,7 +179,7 @@ class Trainer:
         if self.latents:
             check_latent_dataset(cfg, self.dataset, self.autoencoder)
         init = cfg.model.init_from  # the weights to start from (a LoRA's frozen base)
-        base = lora_runs.base_of(load_pipeline(init), init) if init else None
+        base = lora_runs.load_base(init, load_pipeline) if init else None
         vocab = self.resume.vocab if self.resume else base.vocab if base and base.vocab else \
             WordTokenizer.from_captions(vocabulary_captions(cfg, self.dataset)).vocab
         torch.manual_seed(D.derive_seed(t.seed, 0xC0DE))  # identical initial weights on every rank

@@ -1,0 +1,102 @@
+"""`model.init_from=FOLDER` of a diffusers Wan 2.1 text-to-video folder: the recipe takes the folder's model.
+
+    dfm train --config RECIPE model.init_from=Wan2.1-T2V-1.3B-Diffusers lora.rank=16
+
+Its transformer config (model.arch wan, the WanConfig fields as model.overrides over model.size), its VAE
+(autoencoder.name = FOLDER/vae), its UMT5 encoder and tokenizer (text.encoder = FOLDER/text_encoder, frozen) and the
+flow settings its scheduler samples with (sampling.shift, sampler and grid; guidance 5) fill the config — each only
+where the recipe leaves the field at its default, so a recipe can still set any of them. `--dry-run` prints the
+result. Folders that are not Wan 2.1 text-to-video (two-expert Wan 2.2, image-to-video, TI2V) and folders that are
+neither dfm's nor Wan's get one line before any work (ConfigError, exit 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from dfm.checkpoint import find_checkpoint
+from dfm.config import ConfigError
+from dfm.models import WAN_CONFIGS
+from dfm.models.wan import WanConfig
+from dfm.pipeline.folders import wan_scheduler_settings
+from dfm.pipeline.pipeline import PipelineError
+
+SUPPORTED = "model.init_from takes a dfm model folder, a trainer run or a diffusers Wan 2.1 text-to-video folder"
+DERIVED = ("in_channels", "out_channels", "text_dim")  # from the VAE and the text encoder (dfm.model)
+
+
+def wan_index(folder: Path) -> dict | None:
+    """The model_index.json of a diffusers Wan folder (any Wan pipeline class), else None."""
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) and str(index.get("_class_name", "")).startswith("Wan") else None
+
+
+def _is_dfm(folder: Path) -> bool:
+    """A dfm model folder (model_index.json with "format": "dfm") or a trainer run / checkpoint."""
+    try:
+        return json.loads((folder / "model_index.json").read_text()).get("format") == "dfm"
+    except (OSError, ValueError, AttributeError):
+        return find_checkpoint(folder) is not None
+
+
+def check_wan_folder(folder: Path, index: dict) -> WanConfig:
+    """The folder's transformer config, or one line saying which Wan folders model.init_from supports."""
+    name = index.get("_class_name")
+    if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
+        raise ConfigError(f"model.init_from={folder} is a two-expert Wan 2.2 folder; not supported: {SUPPORTED}")
+    if name != "WanPipeline":
+        raise ConfigError(f"model.init_from={folder} is a {name} folder (image-to-video); not supported: {SUPPORTED}")
+    if index.get("expand_timesteps"):
+        raise ConfigError(f"model.init_from={folder} is a Wan 2.2 TI2V folder; not supported: {SUPPORTED}")
+    try:
+        config = WanConfig.from_dict(json.loads((folder / "transformer" / "config.json").read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"model.init_from={folder}: no readable transformer/config.json ({e}); download the Wan "
+                          f"folder again") from None
+    if config.image_dim is not None:
+        raise ConfigError(f"model.init_from={folder} holds an image-to-video transformer; not supported: {SUPPORTED}")
+    return config
+
+
+def resolve_init_from(cfg) -> None:
+    """Fill `cfg` (a TrainConfig) from model.init_from when it is a diffusers Wan folder (see the module doc)."""
+    folder = Path(cfg.model.init_from)
+    index = wan_index(folder)
+    if index is None:
+        if _is_dfm(folder):
+            return
+        raise ConfigError(f"model.init_from={folder} is neither a dfm model folder or run nor a diffusers Wan "
+                          f"folder; {SUPPORTED}")
+    wan = check_wan_folder(folder, index)
+    m = cfg.model
+    if m.arch != "wan" or cfg.diffusion.paradigm != "flow":
+        raise ConfigError(f"model.init_from={folder} is a Wan (flow-matching) model; set model.arch=wan and "
+                          f"diffusion.paradigm=flow (or leave them at their defaults)")
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(wan).items()}
+    if m.size == "tiny" and not m.overrides:  # a registry size that is exactly this transformer
+        m.size = next((n for n, c in WAN_CONFIGS.items()
+                       if all(getattr(c, k) == getattr(wan, k) for k in fields if k not in DERIVED)), m.size)
+    size = dataclasses.asdict(WAN_CONFIGS.get(m.size, WAN_CONFIGS["tiny"]))
+    diff = {k: v for k, v in fields.items()
+            if k not in DERIVED and (list(size[k]) if isinstance(size[k], tuple) else size[k]) != v}
+    m.overrides = {**diff, **m.overrides}  # the recipe's own overrides win
+    if cfg.autoencoder.name == "identity":
+        cfg.autoencoder.name = str(folder / "vae")
+    if cfg.text.encoder == "small":
+        cfg.text.encoder = str(folder / "text_encoder")  # UMT5, frozen; its tokenizer is ../tokenizer
+        cfg.text.trainable = False
+    try:
+        diffusion, defaults, _ = wan_scheduler_settings(folder)
+    except PipelineError as e:
+        raise ConfigError(f"model.init_from={folder}: {e}") from None
+    s, default = cfg.sampling, type(cfg.sampling)()
+    for key, value in (("shift", defaults["shift"]), ("sampler", defaults["sampler"]), ("grid", diffusion["grid"]),
+                       ("guidance_scale", defaults["guidance_scale"])):
+        if getattr(s, key) == getattr(default, key):
+            setattr(s, key, value)
+    if cfg.diffusion.flow.timestep_scale == type(cfg.diffusion.flow)().timestep_scale:
+        cfg.diffusion.flow.timestep_scale = diffusion["timestep_scale"]
