@@ -18,14 +18,14 @@ guidance 5, Wan's negative prompt, 20 steps): dfm's pipeline with its three cach
 with its FirstBlockCache and MagCache hooks (diffusers.hooks, on its WanTransformer3DModel loaded from the same
 folder; MagCache's ratios from its own calibration mode on this folder), both from the same initial latents.
 diffusers runs cond and uncond as two forwards of batch 1 and keeps a cache per branch; dfm runs one forward of
-batch 2 and one cache, so compute is compared as the fraction of full block-stack passes that ran ("stack work":
-1.0 uncached). Quality: PSNR / max error against the same pipeline's uncached video (the two uncached videos agree
+batch 2 and one cache, so compute is counted batch-weighted on the last block (two batch-1 passes = one batch-2
+pass = one block-stack evaluation; "stack work" is the fraction of the uncached count). Quality: PSNR / max error against the same pipeline's uncached video (the two uncached videos agree
 to ~1e-6, printed). A random model is not a trained one: its residuals change differently from step to step, so
 this part compares the two implementations on equal inputs, not the caches' quality on real content.
 
 Timing: every configuration of a table is timed in each round, the order reversed every round
-(benchmarks/models.py's `time_alternating`), one CPU thread; the machine is shared, so medians.
-"""
+(benchmarks/models.py's `time_alternating`), one CPU thread; the machine is shared, so medians, and the Wan-folder
+table also gives process CPU seconds (less disturbed by other processes than wall seconds)."""
 
 from __future__ import annotations
 
