@@ -15,11 +15,11 @@ pytest.importorskip("diffusers")
 pytest.importorskip("ftfy")
 
 from PIL import Image  # noqa: E402
-from test_serve import png_data_url, wait  # noqa: E402
+from test_serve import one_line_error as error, png_data_url, wait  # noqa: E402
 from test_wan_family_pipeline import FRAMES, SIZE, build, parts  # noqa: E402,F401  (parts: the fixture)
 
 from dfm.cli import main  # noqa: E402
-from dfm.serve import Models, ServeError, Worker  # noqa: E402
+from dfm.serve import Models, Worker  # noqa: E402
 from dfm.video import decode_frames  # noqa: E402
 
 
@@ -28,11 +28,6 @@ def worker(tmp_path_factory):
     return Worker(Models(), tmp_path_factory.mktemp("serve_images"))
 
 
-def error(worker: Worker, data: dict) -> str:
-    with pytest.raises(ServeError) as e:
-        worker.submit(data)
-    assert "\n" not in str(e.value)
-    return str(e.value)
 
 
 def test_i2v_upload_is_saved_and_the_command_reproduces_it(parts, worker, tmp_path, monkeypatch):

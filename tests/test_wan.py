@@ -162,17 +162,24 @@ PUBLISHED = {
 }
 
 
-@pytest.mark.parametrize("name", ["1.3B", "14B"])
-def test_registry_matches_published_configs(name):
+def check_published(name: str, published: dict) -> tuple:
+    """WAN_CONFIGS[name] reads from and writes diffusers' config, and on the meta device has its parameter names
+    and shapes (also used by tests/test_wan_family_model.py for the I2V / FLF2V / A14B / 5B configs)."""
     cfg = WAN_CONFIGS[name]
-    assert WanConfig.from_dict(PUBLISHED[name]) == cfg
+    assert WanConfig.from_dict(published) == cfg
     written = cfg.to_diffusers()
-    assert {k: written[k] for k in PUBLISHED[name]} == PUBLISHED[name]
+    assert {k: written[k] for k in published} == published
     with torch.device("meta"):
         ours = WanModel(cfg)
-        theirs = WanTransformer3DModel(**{k: v for k, v in PUBLISHED[name].items() if not k.startswith("_")})
+        theirs = WanTransformer3DModel(**{k: v for k, v in published.items() if not k.startswith("_")})
     shapes = {k: v.shape for k, v in ours.state_dict().items()}
     assert shapes == {k: v.shape for k, v in theirs.state_dict().items()}
+    return ours, theirs  # on the meta device
+
+
+@pytest.mark.parametrize("name", ["1.3B", "14B"])
+def test_registry_matches_published_configs(name):
+    ours, theirs = check_published(name, PUBLISHED[name])
     n = sum(p.numel() for p in ours.parameters())
     assert n == sum(p.numel() for p in theirs.parameters())
     assert abs(n / 1e9 - {"1.3B": 1.42, "14B": 14.29}[name]) < 0.01
