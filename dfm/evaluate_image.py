@@ -92,9 +92,11 @@ def evaluate_image(pipeline, num: int = 40, seed: int = 0, steps=None, guidance_
               "steps": steps, "guidance_scale": guidance_scale, "reference": reference,
               "videos": [{"prompt": it["prompt"], "expected_digit": it["digit"],
                           "expected_direction": it["direction"], **r} for it, r in zip(items, records)]}
-    if sheet is not None:
-        write_contact_sheet(sheet, videos, labels=[f"{it['digit']} {it['direction']} -> {r['digit']} {r['direction']}"
-                                                   for it, r in zip(items, records)])
+    if sheet is not None:  # each row: the given image, then the video's frames (image-to-video: frame 0 its decode)
+        given = torch.stack([it["video"][:, :1] for it in items]).to(videos)  # [N, 3, 1, H, W]
+        write_contact_sheet(sheet, torch.cat([given, videos], dim=2),
+                            labels=[f"{it['digit']} {it['direction']} -> {r['digit']} {r['direction']}"
+                                    for it, r in zip(items, records)])
     return result
 
 

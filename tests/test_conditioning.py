@@ -227,8 +227,12 @@ def test_image_eval_reference_is_the_ceiling_and_a_model_scores(frame_run, tmp_p
     assert psnr(x, x + 0.2) == pytest.approx(10 * np.log10(1 / 0.01))  # 0.2 in [-1, 1] is 0.1 in [0, 1]
     pipe = pipeline_from_checkpoint(frame_run)  # 3 frames of 8x8, two training steps
     pipe.defaults.update(steps=2)
-    got = evaluate_image(pipe, num=2, batch_size=2)
+    got = evaluate_image(pipe, num=2, batch_size=2, sheet=tmp_path / "sheet.png")
     assert got["first_frame_psnr"] > 40  # the given frame comes back (up to the PNG rounding)
+    from PIL import Image
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png").convert("L"), dtype=float)
+    given, frame0 = sheet[-10:-2, 2:10], sheet[-10:-2, 12:20]  # last row: the given image, then the video's frame 0
+    assert sheet.shape[1] == 2 + (3 + 1) * (8 + 2) and given.std() > 0 and np.abs(given - frame0).max() <= 2
     assert 0 <= got["identity"] <= 1 and len(got["videos"]) == 2
     items = heldout_prompts(6)
     for it in items:  # none is a template caption (the grammar dfm eval parses)
