@@ -257,9 +257,10 @@ def test_bad_lora_is_one_line(worker, lora_file, tmp_path):
     assert "LoRA file is empty" in one_line_error(worker, {**base, "lora_scale": "0.5"})
     assert "LoRA scale must be a number" in one_line_error(worker, {**base, "lora": str(lora_file),
                                                                     "lora_scale": "big"})
-    assert "takes no image" in one_line_error(worker, {**base, "image": png_data_url()})
+    assert "takes no image" in one_line_error(worker, {**base, "model": "models/dit_edm_digits",
+                                                       "image": png_data_url()})  # a text-to-video model
     assert len(worker.jobs) == queued
-    described = worker.models.describe("models/wan_flow_digits")
+    described = worker.models.describe("models/dit_edm_digits")
     assert (described["image"], described["last_image"]) == (None, None)
 
 

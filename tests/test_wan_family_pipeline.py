@@ -238,12 +238,12 @@ def test_cli_image_flags_and_info(parts, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("dfm generate: error: ") and message in err[0], err
 
 
-def test_image_to_a_wan21_t2v_folder(tmp_path, capsys):
-    """A dfm model (as a plain Wan 2.1 text-to-video folder): an image or guidance_scale_2 is one line, from the
-    CLI before any weights load."""
+def test_image_to_a_text_to_video_model(tmp_path, capsys):
+    """A dfm text-to-video model (the shipped DiT): an image or guidance_scale_2 is one line, from the CLI before any
+    weights load."""
     from dfm import cli
 
-    shipped = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "wan_flow_digits"
+    shipped = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "dit_edm_digits"
     pic = tmp_path / "p.png"
     image(0).save(pic)
     for flags, what in ((["--image", str(pic)], "text-to-video model: it takes no image"),
