@@ -28,7 +28,7 @@ def build_dataset(cfg: TrainConfig) -> Dataset:
     if d.dataset == "digits":
         return MovingDigits(split="train", num_frames=d.num_frames, size=d.size, num_digits=d.num_digits,
                             colors=d.colors, bounce=d.bounce, length=d.length, seed=cfg.train.seed, ink=d.ink,
-                            captions=d.captions)
+                            speed=d.speed, captions=d.captions)
     if d.dataset == "latents":
         if not d.root:
             raise ConfigError("data.dataset=latents needs data.root, a folder written by `dfm preprocess`")
