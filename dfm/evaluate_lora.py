@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dfm.evaluate import evaluate, foreground, format_table
+from dfm.evaluate import eval_prompts, evaluate, foreground
 from dfm.pipeline.commands import check_output, set_threads
 from dfm.pipeline.folders import load_pipeline
 from dfm.pipeline.lora import check_lora_files, parse_lora_arg
@@ -105,8 +105,7 @@ def compare(base: dict, new: dict) -> str:
     speed and ink. Raises PipelineError when the videos are not the same prompts and seeds."""
     key = [(v["prompt"], v["seed"]) for v in base["videos"]]
     if key != [(v["prompt"], v["seed"]) for v in new["videos"]]:
-        raise PipelineError("--against: its videos are not this run's prompts and seeds; rerun both with the same "
-                            "--seeds and --num")
+        raise PipelineError("the two results are not the same prompts and seeds; rerun both with the same --seeds and --num")
     lines = ["| reading | before | after | change | z-test z, p (one-sided) | McNemar b, c, p (one-sided) |",
              "|---|---|---|---|---|---|"]
     n = len(key)
@@ -152,6 +151,25 @@ def _row(label: str, records: list, videos: torch.Tensor) -> str:
             f"{speed_level(records).mean():.3f} | {ink_level(videos).mean():.3f} |")
 
 
+def _videos_of(seeds: list, num: int) -> list:
+    """(prompt, seed) of every video `evaluate` makes for these seed sets, in order."""
+    return [(want["prompt"], seed + i) for seed in seeds for i, want in enumerate(eval_prompts(num, seed=seed))]
+
+
+def _read_against(path: str, seeds: list, num: int) -> dict:
+    """The --against file, checked before any work: readable, and the same prompts and seeds as this run."""
+    try:
+        other = json.loads(Path(path).read_text())
+        videos = [(v["prompt"], v["seed"]) for v in other["videos"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PipelineError(f"--against {path}: not a `dfm eval-lora --json` file ({e}); write one with --json") from None
+    if videos != _videos_of(seeds, num):
+        raise PipelineError(f"--against {path}: its videos are not this run's prompts and seeds; rerun both with the "
+                            f"same --seeds and --num (it has --seeds {','.join(map(str, other.get('seeds', [])))} "
+                            f"--num {other.get('num')})")
+    return other
+
+
 def run_eval_lora(args) -> int:
     set_threads(args.threads)
     if args.sheet:
@@ -160,7 +178,7 @@ def run_eval_lora(args) -> int:
         check_output(args.json, "--json", ".json")
         if Path(args.json).exists():
             raise PipelineError(f"--json {args.json} exists; remove it or choose another name (nothing is overwritten)")
-    against = json.loads(Path(args.against).read_text()) if args.against else None
+    against = _read_against(args.against, args.seeds, args.num) if args.against else None
     check_lora_files(p for p, _ in args.lora)
     pipe = load_pipeline(args.model)
     for path, scale in args.lora:
