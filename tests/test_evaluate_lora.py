@@ -84,3 +84,16 @@ def test_eval_lora_command(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert cli.main(args[:-4] + ["--seeds", "5", "--steps", "2", "--against", str(tmp_path / "a.json")]) == 2
     assert "same --seeds" in capsys.readouterr().err
+
+
+def test_the_recipe_resolves_and_a_bad_speed_is_one_line(tmp_path, capsys):
+    """configs/lora_slow_digits.yaml: a LoRA on the shipped model at half speed; a speed that leaves the frame is
+    refused in one line (exit 2) before a run folder is written."""
+    assert cli.main(["train", "--config", "configs/lora_slow_digits.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "speed: 0.375" in out and "rank: 16" in out and "wan_flow_digits" in out
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", "configs/lora_slow_digits.yaml", "data.speed=3",
+                     f"train.output_dir={run}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data: speed 3 px/frame leaves the frame" in err[0] and not run.exists()
