@@ -31,7 +31,7 @@ from dfm.training.runs import run_dir_of
 
 
 # modules that define `add_commands(subparsers)`; one module per command family keeps this file small
-COMMAND_MODULES = ("dfm.pipeline", "dfm.evaluate", "dfm.evaluate_ink", "dfm.evaluate_image", "dfm.preprocess",
+COMMAND_MODULES = ("dfm.pipeline", "dfm.evaluate", "dfm.evaluate_lora", "dfm.evaluate_image", "dfm.preprocess",
                    "dfm.training.vae_trainer", "dfm.serve",
                    "dfm.pipeline.cache_commands")  # the last adds --cache to generate and eval
 

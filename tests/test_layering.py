@@ -27,7 +27,7 @@ LAYERS = {
     "dfm.cli": 5, "dfm.__main__": 5,                                                 # the command line
     "dfm.serve": 5,                                                                 # `dfm serve`, the web page
     "dfm.training": 4, "dfm.pipeline": 4, "dfm.evaluate": 4, "dfm.preprocess": 4,    # applications
-    "dfm.evaluate_ink": 4, "dfm.evaluate_image": 4,
+    "dfm.evaluate_lora": 4, "dfm.evaluate_image": 4,
     "dfm.model": 3, "dfm.conditioning": 3,                                           # backbone + objective
     "dfm.models": 2, "dfm.vae": 2, "dfm.text": 2, "dfm.diffusion": 2, "dfm.data": 2,  # components
     "dfm": 1, "dfm.checkpoint": 1, "dfm.config": 1, "dfm.io": 1, "dfm.errors": 1,    # foundations
@@ -40,7 +40,7 @@ OPEN_LAYERS = {5, 1}
 SAME_LAYER_ALLOWED = {
     ("dfm.training", "dfm.pipeline"),    # validation samples through the Pipeline
     ("dfm.evaluate", "dfm.pipeline"),
-    ("dfm.evaluate_ink", "dfm.evaluate"), ("dfm.evaluate_ink", "dfm.pipeline"),  # eval + ink, with LoRAs
+    ("dfm.evaluate_lora", "dfm.evaluate"), ("dfm.evaluate_lora", "dfm.pipeline"),  # eval + ink, with LoRAs
     ("dfm.evaluate_image", "dfm.evaluate"), ("dfm.evaluate_image", "dfm.pipeline"),  # dfm eval --image
     ("dfm.preprocess", "dfm.training"),  # its config and dataset builders
     ("dfm.model", "dfm.conditioning"),   # image conditioning of the loss and the backbone call

@@ -161,7 +161,7 @@ def test_export_of_a_lora_run_as_a_folder_merges_the_adapters(runs, tmp_path):
 def test_faint_ink_data_and_its_measure():
     """data.ink scales the digits' brightness and nothing else (same captions, same motion); ink_level reads it."""
     from dfm.data import MovingDigits
-    from dfm.evaluate_ink import ink_level
+    from dfm.evaluate_lora import ink_level
 
     full, faint = (MovingDigits(num_frames=4, size=16, length=4, seed=1, ink=i) for i in (1.0, 0.5))
     for i in range(4):

@@ -28,6 +28,7 @@ class DataConfig:
     colors: Optional[list[str]] = None
     bounce: bool = False
     ink: float = 1.0  # the digits' brightness in (0, 1]; captions do not name it (a style for a LoRA to learn)
+    speed: Optional[float] = None  # pixels per frame (None: MovingDigits' default); captions do not name it either
     length: int = 10_000  # items per epoch
     captions: Literal["template", "paraphrase"] = "template"  # paraphrase: dfm.data.captions' training templates
     # folder (dfm.data.VideoFolder)

@@ -26,9 +26,12 @@ from dfm.training.config import TrainConfig
 def build_dataset(cfg: TrainConfig) -> Dataset:
     d = cfg.data
     if d.dataset == "digits":
-        return MovingDigits(split="train", num_frames=d.num_frames, size=d.size, num_digits=d.num_digits,
-                            colors=d.colors, bounce=d.bounce, length=d.length, seed=cfg.train.seed, ink=d.ink,
-                            captions=d.captions)
+        try:
+            return MovingDigits(split="train", num_frames=d.num_frames, size=d.size, num_digits=d.num_digits,
+                                colors=d.colors, bounce=d.bounce, length=d.length, seed=cfg.train.seed, ink=d.ink,
+                                speed=d.speed, captions=d.captions)
+        except ValueError as e:  # a bad data.* value (speed, ink, colours, ...): one line, not a traceback
+            raise ConfigError(f"data: {e}") from None
     if d.dataset == "latents":
         if not d.root:
             raise ConfigError("data.dataset=latents needs data.root, a folder written by `dfm preprocess`")
