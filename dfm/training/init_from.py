@@ -15,6 +15,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 from dfm.checkpoint import find_checkpoint
 from dfm.config import ConfigError
 from dfm.models import WAN_CONFIGS
@@ -100,3 +102,43 @@ def resolve_init_from(cfg) -> None:
             setattr(s, key, value)
     if cfg.diffusion.flow.timestep_scale == type(cfg.diffusion.flow)().timestep_scale:
         cfg.diffusion.flow.timestep_scale = diffusion["timestep_scale"]
+
+
+# ======================================================================= a full fine-tune's start (the trainer)
+
+
+def run_vocab(cfg, base, captions) -> list:
+    """The small text encoder's vocabulary of a run starting from `base` (lora.Base or None): a fresh run's words
+    (`captions()`), a LoRA's base vocabulary (its frozen encoder), or for a full fine-tune the base's words in their
+    order followed by the run's new ones (a paraphrase's "seven", "upward"), so the vocabulary grows by word."""
+    from dfm.text import WordTokenizer
+
+    if base is None or base.vocab is None:
+        return WordTokenizer.from_captions(captions()).vocab
+    if cfg.lora.rank:
+        return list(base.vocab)
+    known = set(base.vocab)
+    return [*base.vocab, *(w for w in WordTokenizer.from_captions(captions()).vocab if w not in known)]
+
+
+@torch.no_grad()
+def init_weights(module, base, init_module) -> list[str]:
+    """`init_module(module, base)` (dfm.pipeline.lora.init_module: strict copies of the transformer and the text
+    encoder) with the text encoder's word table copied by word: a word the base knows takes the base's row, a new
+    word keeps the row it was initialised with. Returns the new words."""
+    text = getattr(module, "text", None)
+    if base.text is None or base.vocab is None or text is None or list(text.tokenizer.vocab) == list(base.vocab):
+        init_module(module, base)
+        return []
+    old_rows, old = base.text["embed.weight"], {w: j for j, w in enumerate(base.vocab)}
+    rows = text.embed.weight.detach().clone()  # [V_new, D], fresh rows
+    if rows.shape[1:] != old_rows.shape[1:]:
+        init_module(module, base)  # the widths differ: init_module names the misfit in one line
+    new = []
+    for word, i in text.tokenizer.index.items():
+        if word in old:
+            rows[i] = old_rows[old[word]]
+        else:
+            new.append(word)
+    init_module(module, dataclasses.replace(base, text={**base.text, "embed.weight": rows}))
+    return new

@@ -44,8 +44,9 @@ from dfm.model import (DiffusionModule, build_autoencoder, build_backbone, build
 from dfm.pipeline import lora as lora_runs
 from dfm.pipeline.folders import load_pipeline
 from dfm.pipeline.pipeline import SEED_LIMIT, Pipeline, PipelineError, count_tokens
-from dfm.text import SmallTextEncoder, WordTokenizer, pad_context
+from dfm.text import SmallTextEncoder, pad_context
 from dfm.conditioning import in_channels
+from dfm.training import init_from
 from dfm.training.conditioning import check_training_conditioning, loss_inputs
 from dfm.training.config import TrainConfig, TrainingError, check_config, config_changes
 from dfm.training.data import (GlobalOrder, StepBatches, build_dataset, check_latent_dataset, check_stored_text,
@@ -180,8 +181,8 @@ class Trainer:
             check_latent_dataset(cfg, self.dataset, self.autoencoder)
         init = cfg.model.init_from  # the weights to start from (a LoRA's frozen base)
         base = lora_runs.load_base(init, load_pipeline) if init else None
-        vocab = self.resume.vocab if self.resume else base.vocab if base and base.vocab else \
-            WordTokenizer.from_captions(vocabulary_captions(cfg, self.dataset)).vocab
+        vocab = self.resume.vocab if self.resume else \
+            init_from.run_vocab(cfg, base, lambda: vocabulary_captions(cfg, self.dataset))  # grown by word
         torch.manual_seed(D.derive_seed(t.seed, 0xC0DE))  # identical initial weights on every rank
         stored = self.dataset.text_encoder if self.latents else None  # embeddings of a given length on disk
         text = build_text_encoder(cfg.text, vocab, stored.get("max_length") if stored else None)
@@ -196,8 +197,7 @@ class Trainer:
                              in_channels(cfg.conditioning, channels, getattr(self.autoencoder, "temporal_factor", 1)))
         module = DiffusionModule(net, text if self.frozen_text is None else None, cfg.diffusion, cfg.text.null,
                                  cfg.conditioning)
-        if base is not None:
-            lora_runs.init_module(module, base)
+        new_words = init_from.init_weights(module, base, lora_runs.init_module) if base is not None else []
         if cfg.lora.rank:  # base frozen, only the adapters (module.lora) train
             lora_runs.attach_training_lora(module, cfg.lora, compute_dtype(self.info.device, t.precision))
         if self.resume:
@@ -253,6 +253,9 @@ class Trainer:
                 if later:
                     self._notice_early(f"resuming from step {self.start_step}: the later checkpoints ({', '.join(later)}) "
                                        f"moved to {dest}; this run replaces them")
+            if new_words and not self.resume:
+                self._notice_early(f"model.init_from: the text encoder learns {len(new_words)} new words "
+                                   f"({' '.join(new_words[:12])}{' ...' if len(new_words) > 12 else ''})")
             self.out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.out / "config.yaml", config_yaml(cfg))
         self.log = Logger(self.out, self.info.is_main, t.tensorboard, self.start_step if self.resume else None)
