@@ -6,8 +6,8 @@ Its transformer config (model.arch wan, the WanConfig fields as model.overrides 
 (autoencoder.name = FOLDER/vae), its UMT5 encoder and tokenizer (text.encoder = FOLDER/text_encoder, frozen) and the
 flow settings its scheduler samples with (sampling.shift, sampler and grid; guidance 5) fill the config — each only
 where the recipe leaves the field at its default, so a recipe can still set any of them. `--dry-run` prints the
-result. Folders that are not Wan 2.1 text-to-video (two-expert Wan 2.2, image-to-video, TI2V) and folders that are
-neither dfm's nor Wan's get one line before any work (ConfigError, exit 2)."""
+result. A Wan 2.2 TI2V folder also sets its conditioning layout (conditioning.mode=frame). Other folders (two-expert
+Wan 2.2) and folders that are neither dfm's nor Wan's get one line before any work (ConfigError, exit 2)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from dfm.models.wan import WanConfig
 from dfm.pipeline.folders import wan_scheduler_settings
 from dfm.pipeline.pipeline import PipelineError
 
-SUPPORTED = "model.init_from takes a dfm model folder, a trainer run or a diffusers Wan 2.1 text-to-video folder"
+SUPPORTED = ("model.init_from takes a dfm model folder, a trainer run, or a diffusers Wan 2.1 text-to-video or Wan 2.2 "
+             "TI2V folder")
 DERIVED = ("in_channels", "out_channels", "text_dim")  # from the VAE and the text encoder (dfm.model)
 
 
@@ -45,15 +46,15 @@ def _is_dfm(folder: Path) -> bool:
         return find_checkpoint(folder) is not None
 
 
-def check_wan_folder(folder: Path, index: dict) -> WanConfig:
-    """The folder's transformer config, or one line saying which Wan folders model.init_from supports."""
+def check_wan_folder(folder: Path, index: dict) -> tuple[WanConfig, str]:
+    """(the folder's transformer config, its layout: "T2V" or "TI2V"), or one line saying which Wan folders
+    model.init_from supports."""
     name = index.get("_class_name")
     if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
         raise ConfigError(f"model.init_from={folder} is a two-expert Wan 2.2 folder; not supported: {SUPPORTED}")
-    if name != "WanPipeline":
+    kind = "TI2V" if index.get("expand_timesteps") else "T2V"
+    if name not in ("WanPipeline", "WanImageToVideoPipeline") or (name != "WanPipeline" and kind != "TI2V"):
         raise ConfigError(f"model.init_from={folder} is a {name} folder (image-to-video); not supported: {SUPPORTED}")
-    if index.get("expand_timesteps"):
-        raise ConfigError(f"model.init_from={folder} is a Wan 2.2 TI2V folder; not supported: {SUPPORTED}")
     try:
         config = WanConfig.from_dict(json.loads((folder / "transformer" / "config.json").read_text()))
     except (OSError, ValueError, TypeError) as e:
@@ -61,7 +62,20 @@ def check_wan_folder(folder: Path, index: dict) -> WanConfig:
                           f"folder again") from None
     if config.image_dim is not None:
         raise ConfigError(f"model.init_from={folder} holds an image-to-video transformer; not supported: {SUPPORTED}")
-    return config
+    return config, kind
+
+
+def layout_conditioning(cfg, folder: Path, kind: str) -> None:
+    """The folder's own image conditioning: TI2V (Wan 2.2 5B) gives the first latent frame clean at t = 0, which
+    is conditioning.mode=frame (first frame only, as the folder's pipeline does)."""
+    c = cfg.conditioning
+    if kind != "TI2V":
+        return
+    if c.mode == "none":
+        c.mode = "frame"
+    if c.mode != "frame" or c.last:
+        raise ConfigError(f"model.init_from={folder} is a Wan 2.2 TI2V folder: it is conditioned by its first latent "
+                          f"frame (conditioning.mode=frame, conditioning.last=false); leave conditioning.mode unset")
 
 
 def resolve_init_from(cfg) -> None:
@@ -73,7 +87,8 @@ def resolve_init_from(cfg) -> None:
             return
         raise ConfigError(f"model.init_from={folder} is neither a dfm model folder or run nor a diffusers Wan "
                           f"folder; {SUPPORTED}")
-    wan = check_wan_folder(folder, index)
+    wan, kind = check_wan_folder(folder, index)
+    layout_conditioning(cfg, folder, kind)
     m = cfg.model
     if m.arch != "wan" or cfg.diffusion.paradigm != "flow":
         raise ConfigError(f"model.init_from={folder} is a Wan (flow-matching) model; set model.arch=wan and "
