@@ -8,7 +8,9 @@
             the loss ignores them. With the causal VAE the first pixel frame has its own latent frame, so this is exact.
     concat  the Wan 2.1 I2V way: [x, mask, y] along channels, mask [B, tf, f, h, w] 1 on the given pixel frames
             (frame 0 counted tf times, as the VAE folds 1 + tf k frames) and y = E(first frame, zero frames...);
-            an unconditioned sample gets mask 0 and y 0. The backbone takes C + tf + C channels.
+            an unconditioned sample gets mask 0 and y 0. The backbone takes C + tf + C channels. With
+            `image_encoder` (a Wan 2.1 I2V folder's CLIP) the frame's CLIP features are the backbone's image_context
+            too (every sample conditioned: probability 1).
 
 A sample is conditioned with probability `probability` (drawn per sample from (seed, sample index): see
 dfm.training.conditioning), so with 0.5 half the batch trains image-to-video and half text-to-video.
@@ -39,6 +41,9 @@ class ConditioningConfig:
     mode: Literal["none", "frame", "concat"] = "none"
     probability: float = 0.5  # of a training sample being conditioned (the rest train text-to-video)
     last: bool = False  # frame: the last latent frame is given too (first-last-frame)
+    # concat, Wan 2.1 I2V: a folder with image_encoder/ + image_processor/ (CLIP); the given frame's CLIP features
+    # [B, 257, Di] (penultimate hidden state) feed the transformer's image cross-attention (image_context)
+    image_encoder: str = ""
 
 
 def check_conditioning(c: ConditioningConfig, arch: str, paradigm: str, patch_size) -> None:
@@ -56,6 +61,9 @@ def check_conditioning(c: ConditioningConfig, arch: str, paradigm: str, patch_si
                               f"be [1, ph, pw] (got {list(patch_size)})")
     if c.last and c.mode != "frame":
         raise ConfigError("conditioning.last=true applies to conditioning.mode=frame")
+    if c.image_encoder and (c.mode != "concat" or arch != "wan" or c.probability != 1):
+        raise ConfigError("conditioning.image_encoder (CLIP image context, Wan 2.1 I2V) needs "
+                          "conditioning.mode=concat, conditioning.probability=1 and model.arch=wan")
 
 
 def in_channels(c: ConditioningConfig, channels: int, temporal_factor: int) -> int:

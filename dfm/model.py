@@ -341,7 +341,7 @@ class DiffusionModule(nn.Module):
         return EDMPrecond(self.net if self.conditioning.mode == "none" else self.velocity,
                           sigma_data=self.diffusion.edm.sigma_data)
 
-    def loss(self, x0, text, mask, keep, generators, conditioned=None, condition=None):
+    def loss(self, x0, text, mask, keep, generators, conditioned=None, condition=None, image_context=None):
         """x0 [B, C, F, H, W]; text: ids [B, L] or embeddings [B, L, D] (dropped captions already emptied for
         null=empty); mask [B, L]; keep [B] bool; image conditioning (dfm.conditioning): conditioned [B] bool
         (frame: those samples' first latent frame given clean) or condition [B, tf + C, F, H, W] (concat)."""
@@ -351,6 +351,8 @@ class DiffusionModule(nn.Module):
         cond = {"context": context, "context_mask": mask}
         if condition is not None:
             cond["condition"] = condition
+        if image_context is not None:  # [B, N, Di] CLIP features of the given frame (Wan 2.1 I2V)
+            cond["image_context"] = image_context
         d = self.diffusion
         if d.paradigm == "flow" and conditioned is not None and self.conditioning.mode == "frame":
             f = d.flow

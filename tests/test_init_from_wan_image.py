@@ -5,6 +5,8 @@ conditioning layout, against diffusers as the oracle on tiny random folders (bui
   training step (a clip whose first frame is the image, at the first step's noise level) are what diffusers'
   WanImageToVideoPipeline feeds its transformer for that image: the noisy latents with the first latent frame
   replaced by E(image), per-token timesteps 0 there, the UMT5 context.
+- I2V (Wan 2.1, 36 channels, CLIP image cross-attention): conditioning.mode=concat with the folder's CLIP. The
+  inputs: [x_s, mask, E(frame 0, zeros...)], the timestep, the CLIP features of the frame, the UMT5 context.
 - Full and LoRA runs train; a LoRA exported from the run loads into diffusers' pipeline of the folder
   (load_lora_weights) and gives dfm's image-to-video video to 1e-5; load_pipeline(RUN) is the folder + adapters."""
 
@@ -24,7 +26,7 @@ from dfm import cli  # noqa: E402
 from dfm.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from dfm.config import load_config  # noqa: E402
 from dfm.models import WanModel  # noqa: E402
-from dfm.pipeline import load_pipeline  # noqa: E402
+from dfm.pipeline import PipelineError, load_pipeline  # noqa: E402
 from dfm.training.config import TrainConfig  # noqa: E402
 from dfm.training.trainer import Trainer  # noqa: E402
 from dfm.video import write_video  # noqa: E402
@@ -39,7 +41,8 @@ GEN = dict(num_frames=FRAMES, height=SIZE, width=SIZE, steps=4, seeds=[3, 4], gu
 def ti2v(tmp_path_factory):
     """A tiny TI2V folder, two png-sequence clips with captions and a recipe that names no model."""
     root = tmp_path_factory.mktemp("ti2v_train")
-    folder = build(make_parts(root), "ti2v", "unipc")
+    parts = make_parts(root)
+    folder = build(parts, "ti2v", "unipc")
     clips = root / "clips"
     clips.mkdir()
     g = torch.Generator().manual_seed(0)
@@ -50,7 +53,7 @@ def ti2v(tmp_path_factory):
               "train": {"batch_size": 2, "log_every": 1, "device": "cpu", "progress": False, "tensorboard": False,
                         "threads": 1, "max_steps": 3}}
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return {"root": root, "folder": folder, "recipe": root / "recipe.yaml", "clips": clips}
+    return {"root": root, "folder": folder, "recipe": root / "recipe.yaml", "clips": clips, "parts": parts}
 
 
 def config(ti2v, out, *overrides) -> TrainConfig:
@@ -166,3 +169,92 @@ def test_ti2v_lora_run_exports_a_lora_diffusers_loads(ti2v, tmp_path):
     torch.testing.assert_close(from_run.generate(CAPTIONS, image=image, negative_prompt=NEGATIVE, **GEN).videos,
                                tuned, atol=1e-6, rtol=0)
 
+
+
+# ================================================================================ Wan 2.1 I2V (concat + CLIP)
+
+
+@pytest.fixture(scope="module")
+def i2v(ti2v):
+    """A tiny Wan 2.1 I2V folder (36 channels, CLIP image cross-attention) and the same clips and recipe."""
+    return {**ti2v, "folder": build(ti2v["parts"], "i2v", "unipc")}
+
+
+def test_i2v_training_inputs_are_what_diffusers_feeds_its_transformer(i2v, tmp_path):
+    pipe = diffusers.WanImageToVideoPipeline.from_pretrained(str(i2v["folder"]), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(2)
+    t0 = float(pipe.scheduler.timesteps[0])
+
+    cfg = config(i2v, tmp_path / "run", "text.dropout=0", "train.batch_size=1")
+    trainer = Trainer(cfg)
+    c = cfg.conditioning
+    assert (c.mode, c.probability, c.image_encoder) == ("concat", 1.0, str(i2v["folder"]))  # the folder's layout
+    trainer.module.timesteps.sample = lambda n, generator=None, device=None: torch.full((n,), t0 / 1000, device=device)
+    ours, handle = recorded(trainer.module.net)
+    batch = next(iter(trainer.loader()))
+    trainer.train_step(0, [batch])
+    handle.remove()
+    caption = batch["caption"][0]
+
+    theirs, handle = recorded(pipe.transformer)
+    pipe(prompt=caption, image=first_frame(i2v, caption), height=SIZE, width=SIZE, num_frames=FRAMES,
+         num_inference_steps=2, guidance_scale=1.0, latents=ours["x"][:, :16].clone(), output_type="latent")
+    handle.remove()
+
+    x, h = ours["x"], theirs["hidden_states"]  # [1, 16 + 4 + 16, 2, 4, 4]: x_s, mask, E(frame 0, zeros...)
+    assert x.shape == h.shape == (1, 36, 2, 4, 4) and h[:, 20:].abs().max() > 0.1
+    torch.testing.assert_close(x, h, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours["t"].float().reshape(-1), theirs["timestep"].float().reshape(-1), atol=1e-3,
+                               rtol=0)
+    img, their_img = ours["image_context"], theirs["encoder_hidden_states_image"]  # [1, 17, 20] CLIP features
+    assert img.shape == their_img.shape and img.abs().max() > 0.1
+    torch.testing.assert_close(img, their_img, atol=1e-5, rtol=0)
+    mask, ctx = ours["context_mask"][0], ours["context"][0]
+    n = int(mask.sum())
+    torch.testing.assert_close(ctx[:n], theirs["encoder_hidden_states"][0, :n], atol=1e-6, rtol=0)
+
+
+def test_i2v_lora_run_exports_a_lora_diffusers_loads(i2v, tmp_path):
+    assert cli.main(["train", "--config", str(i2v["recipe"]), f"model.init_from={i2v['folder']}",
+                     f"train.output_dir={tmp_path / 'run'}", *LORA]) == 0
+    out = tmp_path / "i2v_lora.safetensors"
+    assert cli.main(["export", str(tmp_path / "run"), str(out), "--lora-only"]) == 0
+
+    image = first_frame(i2v, CAPTIONS[0])
+    ours = load_pipeline(i2v["folder"])
+    plain = ours.generate(CAPTIONS, image=image, negative_prompt=NEGATIVE, **GEN).videos
+    ours.load_lora(out)
+    tuned = ours.generate(CAPTIONS, image=image, negative_prompt=NEGATIVE, **GEN).videos
+    assert (tuned - plain).abs().max() > 1e-3
+
+    pipe = diffusers.WanImageToVideoPipeline.from_pretrained(str(i2v["folder"]), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(out.parent), weight_name=out.name, adapter_name="run")
+    frames = pipe(prompt=CAPTIONS, negative_prompt=NEGATIVE, image=image, height=SIZE, width=SIZE,
+                  num_frames=FRAMES, num_inference_steps=GEN["steps"], guidance_scale=GEN["guidance_scale"],
+                  latents=noise(GEN["seeds"]), output_type="pt").frames
+    torch.testing.assert_close(tuned, frames.permute(0, 2, 1, 3, 4) * 2 - 1, atol=1e-5, rtol=0)
+    from_run = load_pipeline(tmp_path / "run")
+    torch.testing.assert_close(from_run.generate(CAPTIONS, image=image, negative_prompt=NEGATIVE, **GEN).videos,
+                               tuned, atol=1e-6, rtol=0)
+
+
+def test_i2v_full_fine_tune_trains_and_its_run_takes_an_image(i2v, tmp_path, capsys):
+    trainer = Trainer(config(i2v, tmp_path / "full", "train.max_steps=2"))
+    folder = WanModel.from_pretrained(i2v["folder"] / "transformer").state_dict()
+    assert all(torch.equal(trainer.module.net.state_dict()[k], folder[k]) for k in folder)
+    assert trainer.run()["step"] == 2
+    pipe = load_pipeline(tmp_path / "full")
+    out = pipe.generate(CAPTIONS[:1], image=first_frame(i2v, CAPTIONS[0]), steps=2, seeds=[0], num_frames=FRAMES,
+                        height=SIZE, width=SIZE, progress=False)
+    assert torch.isfinite(out.videos).all() and out.videos.std() > 1e-3
+    with pytest.raises(PipelineError, match="needs an image"):
+        pipe.generate(CAPTIONS[:1], steps=2, num_frames=FRAMES, height=SIZE, width=SIZE, progress=False)
+    args = ["train", "--config", str(i2v["recipe"]), f"model.init_from={i2v['folder']}",
+            f"train.output_dir={tmp_path / 'x'}", "--dry-run"]
+    capsys.readouterr()
+    for bad in ("conditioning.mode=frame", "conditioning.probability=0.3"):
+        assert cli.main([*args, bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Wan 2.1 I2V" in err, err

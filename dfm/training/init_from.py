@@ -24,8 +24,8 @@ from dfm.models.wan import WanConfig
 from dfm.pipeline.folders import wan_scheduler_settings
 from dfm.pipeline.pipeline import PipelineError
 
-SUPPORTED = ("model.init_from takes a dfm model folder, a trainer run, or a diffusers Wan 2.1 text-to-video or Wan 2.2 "
-             "TI2V folder")
+SUPPORTED = ("model.init_from takes a dfm model folder, a trainer run, or a diffusers Wan 2.1 text-to-video, Wan 2.1 "
+             "I2V or Wan 2.2 TI2V folder")
 DERIVED = ("in_channels", "out_channels", "text_dim")  # from the VAE and the text encoder (dfm.model)
 
 
@@ -52,30 +52,40 @@ def check_wan_folder(folder: Path, index: dict) -> tuple[WanConfig, str]:
     name = index.get("_class_name")
     if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
         raise ConfigError(f"model.init_from={folder} is a two-expert Wan 2.2 folder; not supported: {SUPPORTED}")
-    kind = "TI2V" if index.get("expand_timesteps") else "T2V"
-    if name not in ("WanPipeline", "WanImageToVideoPipeline") or (name != "WanPipeline" and kind != "TI2V"):
-        raise ConfigError(f"model.init_from={folder} is a {name} folder (image-to-video); not supported: {SUPPORTED}")
+    if name not in ("WanPipeline", "WanImageToVideoPipeline"):
+        raise ConfigError(f"model.init_from={folder} is a {name} folder; not supported: {SUPPORTED}")
     try:
         config = WanConfig.from_dict(json.loads((folder / "transformer" / "config.json").read_text()))
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"model.init_from={folder}: no readable transformer/config.json ({e}); download the Wan "
                           f"folder again") from None
-    if config.image_dim is not None:
+    kind = "TI2V" if index.get("expand_timesteps") else "T2V" if name == "WanPipeline" else "I2V"
+    if kind == "I2V" and (config.image_dim is None or config.pos_embed_seq_len):
+        what = "a first-last-frame (FLF2V) model" if config.image_dim else "an image-to-video transformer without CLIP"
+        raise ConfigError(f"model.init_from={folder} holds {what}; not supported: {SUPPORTED}")
+    if kind != "I2V" and config.image_dim is not None:
         raise ConfigError(f"model.init_from={folder} holds an image-to-video transformer; not supported: {SUPPORTED}")
     return config, kind
 
 
 def layout_conditioning(cfg, folder: Path, kind: str) -> None:
-    """The folder's own image conditioning: TI2V (Wan 2.2 5B) gives the first latent frame clean at t = 0, which
-    is conditioning.mode=frame (first frame only, as the folder's pipeline does)."""
-    c = cfg.conditioning
-    if kind != "TI2V":
-        return
-    if c.mode == "none":
-        c.mode = "frame"
-    if c.mode != "frame" or c.last:
-        raise ConfigError(f"model.init_from={folder} is a Wan 2.2 TI2V folder: it is conditioned by its first latent "
-                          f"frame (conditioning.mode=frame, conditioning.last=false); leave conditioning.mode unset")
+    """The folder's own image conditioning. TI2V (Wan 2.2 5B) gives the first latent frame clean at t = 0:
+    conditioning.mode=frame (first frame only, as the folder's pipeline does). I2V (Wan 2.1) concatenates
+    [mask, E(frame, zeros...)] to the 16 noisy channels and reads the frame's CLIP features: conditioning.mode=concat,
+    image_encoder=FOLDER, probability 1 (its transformer always gets an image)."""
+    c, default = cfg.conditioning, type(cfg.conditioning)()
+    if kind == "TI2V":
+        if c.mode == "none":
+            c.mode = "frame"
+        if c.mode != "frame" or c.last:
+            raise ConfigError(f"model.init_from={folder} is a Wan 2.2 TI2V folder: it is conditioned by its first "
+                              f"latent frame (conditioning.mode=frame, conditioning.last=false); leave "
+                              f"conditioning.mode unset")
+    if kind == "I2V":
+        if c.mode not in ("none", "concat") or c.probability not in (default.probability, 1):
+            raise ConfigError(f"model.init_from={folder} is a Wan 2.1 I2V folder: every sample is conditioned by its "
+                              f"first frame (conditioning.mode=concat, probability 1); leave conditioning unset")
+        c.mode, c.probability, c.image_encoder = "concat", 1.0, c.image_encoder or str(folder)
 
 
 def resolve_init_from(cfg) -> None:

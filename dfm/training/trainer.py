@@ -47,7 +47,7 @@ from dfm.pipeline.pipeline import SEED_LIMIT, Pipeline, PipelineError, count_tok
 from dfm.text import SmallTextEncoder, pad_context
 from dfm.conditioning import in_channels
 from dfm.training import init_from
-from dfm.training.conditioning import check_training_conditioning, loss_inputs
+from dfm.training.conditioning import check_training_conditioning, image_encoder, loss_inputs
 from dfm.training.config import TrainConfig, TrainingError, check_config, config_changes
 from dfm.training.data import (GlobalOrder, StepBatches, build_dataset, check_latent_dataset, check_stored_text,
                                collate_batch, keep_captions, vocabulary_captions)
@@ -192,6 +192,7 @@ class Trainer:
             check_stored_text(cfg, self.dataset, self.frozen_text)
         if self.frozen_text is None:
             text.requires_grad_(cfg.text.trainable)
+        self.images = image_encoder(cfg, self.info.device)  # CLIP of a Wan 2.1 I2V layout, frozen; else None
         channels = self.autoencoder.channels
         net = build_backbone(cfg.model, channels, text.dim,
                              in_channels(cfg.conditioning, channels, getattr(self.autoencoder, "temporal_factor", 1)))
@@ -336,7 +337,7 @@ class Trainer:
                     x0 = self.autoencoder.encode(batch["video"].to(dev, non_blocking=True))
             ids, mask, keep = self.conditioning(batch)
             gens = D.sample_generators(cfg.train.seed, batch["sample"].tolist(), 0)
-            image = loss_inputs(cfg, batch, x0, self.autoencoder)  # image conditioning (dfm.conditioning)
+            image = loss_inputs(cfg, batch, x0, self.autoencoder, self.images)  # image conditioning
             with D.gradient_sync(self.model, a == len(micro_batches) - 1):
                 with autocast(dev, cfg.train.precision):
                     per_sample = self.model("loss", x0, ids, mask, keep, gens, **image)  # [b]
