@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from dfm.config import ConfigError, from_dict, load_yaml, upgrade
-from dfm.conditioning import ConditioningConfig, Conditioned, frame_flow_loss
+from dfm.conditioning import ConditioningConfig, Conditioned, FrameEDM, frame_edm_loss, frame_flow_loss
 from dfm.errors import first_line
 from dfm.diffusion.edm import EDMPrecond, edm_loss
 from dfm.diffusion.flow import TimestepSampler, flow_loss
@@ -338,6 +338,8 @@ class DiffusionModule(nn.Module):
         return Conditioned(self.net, self.conditioning).call(x, t, **cond)  # image inputs in cond
 
     def edm_denoiser(self) -> EDMPrecond:
+        if self.conditioning.mode == "frame":  # per-frame sigma, 0 on the given frames (dfm.conditioning)
+            return FrameEDM(EDMPrecond(self.net, sigma_data=self.diffusion.edm.sigma_data), self.conditioning)
         return EDMPrecond(self.net if self.conditioning.mode == "none" else self.velocity,
                           sigma_data=self.diffusion.edm.sigma_data)
 
@@ -365,6 +367,10 @@ class DiffusionModule(nn.Module):
                              weighting=f.weighting, weighting_shift=f.weighting_slope,
                              timestep_scale=f.timestep_scale, **cond)
         e = d.edm
+        if conditioned is not None and self.conditioning.mode == "frame":
+            return frame_edm_loss(self.edm_denoiser(), x0, conditioned, last=self.conditioning.last,
+                                  generator=generators, P_mean=e.P_mean, P_std=e.P_std, sigma_data=e.sigma_data,
+                                  **cond)
         return edm_loss(self.edm_denoiser(), x0, generator=generators, P_mean=e.P_mean, P_std=e.P_std,
                         sigma_data=e.sigma_data, **cond)
 

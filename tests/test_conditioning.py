@@ -20,7 +20,7 @@ from dfm.pipeline import load_pipeline, save_pipeline
 from dfm.pipeline.folders import pipeline_from_checkpoint
 from dfm.training import train
 from dfm.training.conditioning import conditioned_samples
-from dfm.training.trainer import Trainer
+from dfm.training.trainer import Trainer, validation_seed
 from tests.test_train import losses, tiny
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -149,8 +149,8 @@ def test_conditioned_training_resumes_exactly(tmp_path, mode):
 
 
 def test_unsupported_combinations_are_one_line_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="model.arch=wan with diffusion.paradigm=flow"):
-        Trainer(tiny(tmp_path, "a", "conditioning.mode=frame", "diffusion.paradigm=edm"))
+    with pytest.raises(ConfigError, match="conditioning.last=true applies to conditioning.mode=frame"):
+        Trainer(tiny(tmp_path, "a", "conditioning.mode=concat", "conditioning.last=true"))
     with pytest.raises(ConfigError, match=r"conditioning.probability must be in \[0, 1\]"):
         Trainer(tiny(tmp_path, "b", "conditioning.mode=frame", "conditioning.probability=2"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -332,3 +332,33 @@ def test_init_from_fine_tune_resumes_exactly_and_generates(t2v_folder, tmp_path)
     pipe = load_pipeline(tmp_path / "full")  # the run is a whole model: it takes an image and the new words
     out = pipe.generate(["a seven drifting upward"], image=torch.zeros(3, 8, 8), steps=2, seeds=[0], progress=False)
     assert torch.isfinite(out.videos).all()
+
+
+def test_a_concat_run_validates_text_to_video(tmp_path):
+    """The validation videos of a concat run are text-to-video (mask 0, y 0, as its unconditioned samples), the
+    same as the checkpoint's pipeline gives without an image."""
+    cfg = tiny(tmp_path, "run", "train.max_steps=2", "conditioning.mode=concat", "train.validate_every=2",
+               "sampling.steps=2", "train.val_prompts=[the digit 1 moves up]")
+    trainer = Trainer(cfg)
+    trainer.run()
+    assert (tmp_path / "run" / "samples" / "step_00000002" / "contact_sheet.png").is_file()
+    with trainer.ema.swapped():
+        ours = trainer.validation_videos(["the digit 1 moves up"])
+    pipe = pipeline_from_checkpoint(tmp_path / "run")
+    seeds = [validation_seed(cfg.train.seed, 0)]
+    theirs = pipe.generate(["the digit 1 moves up"], seeds=seeds, steps=2, progress=False).videos
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_info_shows_the_conditioning(frame_run, tmp_path, capsys):
+    from dfm import cli
+
+    folder = save_pipeline(pipeline_from_checkpoint(frame_run), tmp_path / "model")
+    for path in (frame_run, folder):
+        assert cli.main(["info", str(path)]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("conditioning"))
+        assert "frame (image-to-video" in line and "first latent frame" in line, line
+    plain = tiny(tmp_path, "plain", "train.max_steps=1")
+    train(plain)
+    assert cli.main(["info", str(tmp_path / "plain")]) == 0
+    assert "none (text-to-video only)" in capsys.readouterr().out

@@ -254,7 +254,10 @@ def test_i2v_full_fine_tune_trains_and_its_run_takes_an_image(i2v, tmp_path, cap
     args = ["train", "--config", str(i2v["recipe"]), f"model.init_from={i2v['folder']}",
             f"train.output_dir={tmp_path / 'x'}", "--dry-run"]
     capsys.readouterr()
-    for bad in ("conditioning.mode=frame", "conditioning.probability=0.3"):
-        assert cli.main([*args, bad]) == 2
+    for bad, words in (("conditioning.mode=frame", "conditioning.mode=concat"),
+                       ("conditioning.probability=0.3", "probability 1"),
+                       ("train.validate_every=2", "dfm generate --image")):  # (the trainer's check: a real run)
+        assert cli.main([*(args if "validate" not in bad else args[:-1]), bad]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "Wan 2.1 I2V" in err, err
+        assert len(err.splitlines()) == 1 and "I2V" in err and words in err, err
+    assert not (tmp_path / "x").exists()

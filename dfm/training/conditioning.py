@@ -24,8 +24,14 @@ def conditioned_samples(seed: int, samples, probability: float) -> list[bool]:
 def check_training_conditioning(cfg) -> None:
     """ConfigError for a conditioning section this run cannot train (before anything is written)."""
     c = cfg.conditioning
-    patch = getattr(backbone_config(cfg.model, 3, cfg.text.dim), "patch_size", (1, 1, 1))
-    check_conditioning(c, cfg.model.arch, cfg.diffusion.paradigm, patch)
+    net = backbone_config(cfg.model, 3, cfg.text.dim)
+    check_conditioning(c, cfg.model.arch, cfg.diffusion.paradigm, getattr(net, "patch_size", (1, 1, 1)))
+    if c.mode == "frame" and getattr(net, "hourglass", False):
+        raise ConfigError("conditioning.mode=frame gives each token its own noise level, which an hourglass DiT "
+                          "(model.overrides.depths) merges away; use the flat DiT or conditioning.mode=concat")
+    if c.image_encoder and cfg.train.validate_every:
+        raise ConfigError("train.validate_every: the validation videos are text-to-video, and a Wan 2.1 I2V model "
+                          "needs an image; set train.validate_every=0 and sample checkpoints with dfm generate --image")
     if c.mode == "concat" and cfg.data.dataset == "latents":
         raise ConfigError("conditioning.mode=concat encodes the first frame alone (E(frame, zeros...)): it needs "
                           "pixel data, not data.dataset=latents; use conditioning.mode=frame or the videos")

@@ -42,6 +42,7 @@ from dfm.errors import UserError, first_line
 from dfm.model import (DiffusionModule, build_autoencoder, build_backbone, build_text_encoder, sampling_defaults,
                        sampling_recipe, set_activation_checkpointing)
 from dfm.pipeline import lora as lora_runs
+from dfm.pipeline.conditioned import attach as attach_conditioner
 from dfm.pipeline.folders import load_pipeline
 from dfm.pipeline.pipeline import SEED_LIMIT, Pipeline, PipelineError, count_tokens
 from dfm.text import SmallTextEncoder, pad_context
@@ -506,9 +507,11 @@ class Trainer:
         text = self.frozen_text if self.frozen_text is not None else \
             ModuleText(model, self.module.text, dev, cfg.train.precision)
         defaults = sampling_defaults(cfg, cfg.data.num_frames, cfg.data.size, cfg.data.fps)
-        return Pipeline(model, text, self.autoencoder, arch=cfg.model.arch, paradigm=cfg.diffusion.paradigm,
+        pipe = Pipeline(model, text, self.autoencoder, arch=cfg.model.arch, paradigm=cfg.diffusion.paradigm,
                         diffusion=sampling_recipe(cfg), defaults=defaults, null=cfg.text.null, use_mask=True,
                         device=dev, dtype=compute_dtype(dev, cfg.train.precision))
+        attach_conditioner(pipe, cfg.conditioning)  # concat: text-to-video as the unconditioned samples (mask 0, y 0)
+        return pipe
 
     @torch.no_grad()
     def validation_videos(self, prompts: list[str], steps: int | None = None) -> torch.Tensor:
