@@ -111,6 +111,7 @@ class TextConfig:
     trainable: bool = True  # train the encoder with the diffusion model
     dropout: float = 0.1  # conditioning dropout for classifier-free guidance
     null: Literal["empty", "zeros"] = "empty"  # what replaces a dropped caption: the empty prompt, or zeros
+    mask: bool = True  # the cross-attention skips padding; false (Wan folders): it attends to the zero padding too
 
 
 @dataclass

@@ -381,7 +381,7 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
     frozen = FrozenSmallTextEncoder(text, f"{path}/text.json") if small else text
     return _conditioned(r.conditioning, Pipeline(module.eval().to(device), frozen, vae.eval().to(device), arch=r.model.arch,
                     paradigm=r.diffusion.paradigm, diffusion=diffusion, defaults=defaults, null=r.text.null,
-                    use_mask=True, kind="dfm", device=device, dtype=dtype, source=source,
+                    use_mask=r.text.mask, kind="dfm", device=device, dtype=dtype, source=source,
                     config_yaml=trained.config_yaml))
 
 

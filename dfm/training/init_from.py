@@ -116,6 +116,7 @@ def resolve_init_from(cfg) -> None:
     if cfg.text.encoder == "small":
         cfg.text.encoder = str(folder / "text_encoder")  # UMT5, frozen; its tokenizer is ../tokenizer
         cfg.text.trainable = False
+        cfg.text.mask = False  # as diffusers' Wan pipelines: no mask, the transformer attends to the zero padding
     try:
         diffusion, defaults, _ = wan_scheduler_settings(folder)
     except PipelineError as e:

@@ -317,7 +317,8 @@ class Trainer:
                 context[drop], mask[drop] = null[0].to(context.dtype), null_mask[0]
         else:
             context, mask = self.frozen_text.encode(captions)  # [b, L, D], [b, L] (cached per prompt)
-        return context.to(dev), mask.to(dev), torch.tensor(keep, device=dev)
+        mask = mask.to(dev) if self.cfg.text.mask else None  # text.mask=false: Wan's zero padding, attended
+        return context.to(dev), mask, torch.tensor(keep, device=dev)
 
     def train_step(self, step: int, micro_batches: list[dict]) -> tuple[float, float, float]:
         """One optimizer update from this rank's micro-batches: (global mean loss, grad norm, lr)."""
@@ -508,7 +509,7 @@ class Trainer:
             ModuleText(model, self.module.text, dev, cfg.train.precision)
         defaults = sampling_defaults(cfg, cfg.data.num_frames, cfg.data.size, cfg.data.fps)
         pipe = Pipeline(model, text, self.autoencoder, arch=cfg.model.arch, paradigm=cfg.diffusion.paradigm,
-                        diffusion=sampling_recipe(cfg), defaults=defaults, null=cfg.text.null, use_mask=True,
+                        diffusion=sampling_recipe(cfg), defaults=defaults, null=cfg.text.null, use_mask=cfg.text.mask,
                         device=dev, dtype=compute_dtype(dev, cfg.train.precision))
         attach_conditioner(pipe, cfg.conditioning)  # concat: text-to-video as the unconditioned samples (mask 0, y 0)
         return pipe
