@@ -385,7 +385,8 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
                     paradigm=r.diffusion.paradigm, diffusion=diffusion, defaults=defaults, null=r.text.null,
                     use_mask=r.text.mask, kind="dfm", device=device, dtype=dtype, source=source,
                     config_yaml=trained.config_yaml))
-    return sample_as_wan_folder(pipe, r.model.init_from) if lora.diffusers_wan(r.model.init_from) else pipe
+    wan = r.model.init_from and lora.diffusers_wan(r.model.init_from)  # a full fine-tune of a Wan folder
+    return sample_as_wan_folder(pipe, r.model.init_from) if wan else pipe
 
 
 def sample_as_wan_folder(pipe: Pipeline, folder) -> Pipeline:
