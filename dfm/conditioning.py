@@ -6,9 +6,12 @@
     frame   the TI2V way (Wan 2.2 5B): the first latent frame (and with `last` the last one) of x is the clean latents
             of the given frame, its tokens get noise level 0 (per-token timesteps: the backbone's t is [B, L]) and
             the loss ignores them. With the causal VAE the first pixel frame has its own latent frame, so this is exact.
+            WAN or the flat DiT (per-token adaLN), flow or EDM (`FrameEDM`: per-frame sigma, 0 on the given frames).
     concat  the Wan 2.1 I2V way: [x, mask, y] along channels, mask [B, tf, f, h, w] 1 on the given pixel frames
             (frame 0 counted tf times, as the VAE folds 1 + tf k frames) and y = E(first frame, zero frames...);
-            an unconditioned sample gets mask 0 and y 0. The backbone takes C + tf + C channels.
+            an unconditioned sample gets mask 0 and y 0. The backbone takes C + tf + C channels. With
+            `image_encoder` (a Wan 2.1 I2V folder's CLIP) the frame's CLIP features are the backbone's image_context
+            too (every sample conditioned: probability 1).
 
 A sample is conditioned with probability `probability` (drawn per sample from (seed, sample index): see
 dfm.training.conditioning), so with 0.5 half the batch trains image-to-video and half text-to-video.
@@ -39,6 +42,9 @@ class ConditioningConfig:
     mode: Literal["none", "frame", "concat"] = "none"
     probability: float = 0.5  # of a training sample being conditioned (the rest train text-to-video)
     last: bool = False  # frame: the last latent frame is given too (first-last-frame)
+    # concat, Wan 2.1 I2V: a folder with image_encoder/ + image_processor/ (CLIP); the given frame's CLIP features
+    # [B, 257, Di] (penultimate hidden state) feed the transformer's image cross-attention (image_context)
+    image_encoder: str = ""
 
 
 def check_conditioning(c: ConditioningConfig, arch: str, paradigm: str, patch_size) -> None:
@@ -48,14 +54,17 @@ def check_conditioning(c: ConditioningConfig, arch: str, paradigm: str, patch_si
     if not 0 <= c.probability <= 1:
         raise ConfigError(f"conditioning.probability must be in [0, 1], got {c.probability}")
     if c.mode == "frame":
-        if arch != "wan" or paradigm != "flow":
-            raise ConfigError(f"conditioning.mode=frame needs per-token noise levels: model.arch=wan with "
-                              f"diffusion.paradigm=flow (got {arch}/{paradigm}); use conditioning.mode=concat")
+        if arch not in ("wan", "dit") or paradigm not in ("flow", "edm"):
+            raise ConfigError(f"conditioning.mode=frame needs per-token noise levels: model.arch=wan or dit with "
+                              f"diffusion.paradigm=flow or edm (got {arch}/{paradigm}); use conditioning.mode=concat")
         if tuple(patch_size)[0] != 1:
             raise ConfigError(f"conditioning.mode=frame gives whole latent frames: model.overrides.patch_size must "
                               f"be [1, ph, pw] (got {list(patch_size)})")
     if c.last and c.mode != "frame":
         raise ConfigError("conditioning.last=true applies to conditioning.mode=frame")
+    if c.image_encoder and (c.mode != "concat" or arch != "wan" or c.probability != 1):
+        raise ConfigError("conditioning.image_encoder (CLIP image context, Wan 2.1 I2V) needs "
+                          "conditioning.mode=concat, conditioning.probability=1 and model.arch=wan")
 
 
 def in_channels(c: ConditioningConfig, channels: int, temporal_factor: int) -> int:
@@ -139,3 +148,57 @@ def frame_flow_loss(velocity_model: Callable[..., Tensor], x0: Tensor, condition
     dims = tuple(range(1, x0.ndim))
     err = ((v.float() - u.float()) ** 2 * weight).sum(dims) / weight.sum(dims)  # [B]
     return loss_weight(s, weighting, weighting_shift) * err
+
+
+# ------------------------------------------------------------------------------------ frame conditioning, EDM
+
+GIVEN_SIGMA = 0.002  # EDM's sigma_min: the noise level the backbone's c_noise reads on given (sigma = 0) tokens
+
+
+class FrameEDM:
+    """EDM's preconditioned denoiser (`precond`, an EDMPrecond) with per-frame noise levels: the given latent frames
+    have sigma = 0, where Karras et al.'s coefficients are exact — c_skip = 1, c_out = 0 (D = x, the clean
+    latents), c_in = 1 / sigma_data — and only c_noise = ln(sigma) / 4 is undefined: those tokens read
+    c_noise(GIVEN_SIGMA), the schedule's lowest level. D(x, sigma [B], given [B, f] | first_latent ...)."""
+
+    def __init__(self, precond, c: ConditioningConfig):
+        self.precond, self.c = precond, c
+
+    def __call__(self, x: Tensor, sigma, given: Tensor | None = None, first_latent: Tensor | None = None,
+                 last_latent: Tensor | None = None, **cond) -> Tensor:
+        net, B, f = self.precond.net, x.shape[0], x.shape[2]
+        if given is None and first_latent is None:
+            return self.precond(x, sigma, **cond)  # text-to-video
+        if given is None:  # sampling: put the given frames in
+            x = torch.cat([first_latent.to(x.dtype), x[:, :, 1:]], dim=2)
+            if last_latent is not None:
+                x = torch.cat([x[:, :, :-1], last_latent.to(x.dtype)], dim=2)
+            given = given_frames(torch.ones(B, dtype=torch.bool, device=x.device), f, last_latent is not None)
+        x = x.float()
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(B)  # [B]
+        s = sigma[:, None] * (~given).float()  # [B, f] per-frame sigma, 0 on the given frames
+        c_skip, c_out, c_in, _ = self.precond.coefficients(s)  # [B, f] each, fp32 (exact at sigma = 0)
+        c_noise = self.precond.coefficients(torch.where(given, torch.full_like(s, GIVEN_SIGMA), s))[3]  # [B, f]
+        c_skip, c_out, c_in = (c[:, None, :, None, None] for c in (c_skip, c_out, c_in))  # [B, 1, f, 1, 1]
+        tokens = c_noise.repeat_interleave(tokens_per_frame(net, x.shape), dim=1)  # [B, L]
+        F_x = net((c_in * x).to(self.precond.dtype or torch.float32), tokens, **cond)
+        return c_skip * x + c_out * F_x.float()
+
+
+def frame_edm_loss(denoiser: FrameEDM, x0: Tensor, conditioned: Tensor, *, last: bool = False, generator=None,
+                   P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, **cond) -> Tensor:
+    """dfm.diffusion.edm.edm_loss with the given frames clean (conditioned [B] bool): the same draws (ln sigma ~
+    N(P_mean, P_std^2), then noise, per generator), x = x0 on the given frames (sigma = 0 there), weight
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 and the mean over the other elements."""
+    from dfm.diffusion.edm import LogNormalSigma
+
+    sigma = LogNormalSigma(P_mean, P_std).sample(x0.shape[0], generator).float().to(x0.device)  # [B]
+    n = randn_like(x0, generator)  # [B, C, f, h, w]
+    given = given_frames(conditioned.to(x0.device), x0.shape[2], last)  # [B, f]
+    g = given[:, None, :, None, None]  # [B, 1, f, 1, 1]
+    x = torch.where(g, x0, x0 + append_dims(sigma, x0.ndim) * n)
+    D_x = denoiser(x, sigma, given=given, **cond)
+    weight = (~g).float().expand_as(x0)  # 0 on the given frames
+    dims = tuple(range(1, x0.ndim))
+    err = ((D_x.float() - x0.float()) ** 2 * weight).sum(dims) / weight.sum(dims)  # [B]
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2 * err

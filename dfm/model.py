@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from dfm.config import ConfigError, from_dict, load_yaml, upgrade
-from dfm.conditioning import ConditioningConfig, Conditioned, frame_flow_loss
+from dfm.conditioning import ConditioningConfig, Conditioned, FrameEDM, frame_edm_loss, frame_flow_loss
 from dfm.errors import first_line
 from dfm.diffusion.edm import EDMPrecond, edm_loss
 from dfm.diffusion.flow import TimestepSampler, flow_loss
@@ -111,6 +111,7 @@ class TextConfig:
     trainable: bool = True  # train the encoder with the diffusion model
     dropout: float = 0.1  # conditioning dropout for classifier-free guidance
     null: Literal["empty", "zeros"] = "empty"  # what replaces a dropped caption: the empty prompt, or zeros
+    mask: bool = True  # the cross-attention skips padding; false (Wan folders): it attends to the zero padding too
 
 
 @dataclass
@@ -338,10 +339,12 @@ class DiffusionModule(nn.Module):
         return Conditioned(self.net, self.conditioning).call(x, t, **cond)  # image inputs in cond
 
     def edm_denoiser(self) -> EDMPrecond:
+        if self.conditioning.mode == "frame":  # per-frame sigma, 0 on the given frames (dfm.conditioning)
+            return FrameEDM(EDMPrecond(self.net, sigma_data=self.diffusion.edm.sigma_data), self.conditioning)
         return EDMPrecond(self.net if self.conditioning.mode == "none" else self.velocity,
                           sigma_data=self.diffusion.edm.sigma_data)
 
-    def loss(self, x0, text, mask, keep, generators, conditioned=None, condition=None):
+    def loss(self, x0, text, mask, keep, generators, conditioned=None, condition=None, image_context=None):
         """x0 [B, C, F, H, W]; text: ids [B, L] or embeddings [B, L, D] (dropped captions already emptied for
         null=empty); mask [B, L]; keep [B] bool; image conditioning (dfm.conditioning): conditioned [B] bool
         (frame: those samples' first latent frame given clean) or condition [B, tf + C, F, H, W] (concat)."""
@@ -351,6 +354,8 @@ class DiffusionModule(nn.Module):
         cond = {"context": context, "context_mask": mask}
         if condition is not None:
             cond["condition"] = condition
+        if image_context is not None:  # [B, N, Di] CLIP features of the given frame (Wan 2.1 I2V)
+            cond["image_context"] = image_context
         d = self.diffusion
         if d.paradigm == "flow" and conditioned is not None and self.conditioning.mode == "frame":
             f = d.flow
@@ -363,6 +368,10 @@ class DiffusionModule(nn.Module):
                              weighting=f.weighting, weighting_shift=f.weighting_slope,
                              timestep_scale=f.timestep_scale, **cond)
         e = d.edm
+        if conditioned is not None and self.conditioning.mode == "frame":
+            return frame_edm_loss(self.edm_denoiser(), x0, conditioned, last=self.conditioning.last,
+                                  generator=generators, P_mean=e.P_mean, P_std=e.P_std, sigma_data=e.sigma_data,
+                                  **cond)
         return edm_loss(self.edm_denoiser(), x0, generator=generators, P_mean=e.P_mean, P_std=e.P_std,
                         sigma_data=e.sigma_data, **cond)
 

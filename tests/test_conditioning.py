@@ -20,7 +20,7 @@ from dfm.pipeline import load_pipeline, save_pipeline
 from dfm.pipeline.folders import pipeline_from_checkpoint
 from dfm.training import train
 from dfm.training.conditioning import conditioned_samples
-from dfm.training.trainer import Trainer
+from dfm.training.trainer import Trainer, validation_seed
 from tests.test_train import losses, tiny
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -149,8 +149,8 @@ def test_conditioned_training_resumes_exactly(tmp_path, mode):
 
 
 def test_unsupported_combinations_are_one_line_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="model.arch=wan with diffusion.paradigm=flow"):
-        Trainer(tiny(tmp_path, "a", "conditioning.mode=frame", "diffusion.paradigm=edm"))
+    with pytest.raises(ConfigError, match="conditioning.last=true applies to conditioning.mode=frame"):
+        Trainer(tiny(tmp_path, "a", "conditioning.mode=concat", "conditioning.last=true"))
     with pytest.raises(ConfigError, match=r"conditioning.probability must be in \[0, 1\]"):
         Trainer(tiny(tmp_path, "b", "conditioning.mode=frame", "conditioning.probability=2"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -280,22 +280,89 @@ def test_last_frame_is_given_too_with_last():
     assert loss[0] < 100 < loss[1]  # the given frames carry no loss; the unconditioned sample's do
 
 
-def test_warm_start_copies_the_folder_and_grows_the_vocabulary_by_word(frame_run, tmp_path):
-    from dfm.training.warm_start import load_into
+@pytest.fixture(scope="module")
+def t2v_folder(tmp_path_factory):
+    """A text-to-video model folder (template captions) to fine-tune from."""
+    tmp = tmp_path_factory.mktemp("t2v")
+    train(tiny(tmp, "run", "train.max_steps=2", "data.num_frames=3"))
+    return save_pipeline(pipeline_from_checkpoint(tmp / "run"), tmp / "model")
 
-    folder = save_pipeline(pipeline_from_checkpoint(frame_run), tmp_path / "model")
-    cfg = tiny(tmp_path, "warm", "conditioning.mode=frame", "data.num_frames=3", "data.captions=paraphrase")
+
+FINE_TUNE = ("conditioning.mode=frame", "conditioning.probability=0.5", "data.num_frames=3", "data.captions=paraphrase")
+
+
+def test_init_from_a_dfm_folder_loads_it_and_grows_the_vocabulary_by_word(t2v_folder, tmp_path):
+    """A full fine-tune (model.init_from, no lora.rank): step 0 is the folder's weights, EMA included; the text
+    encoder keeps the folder's words (their rows) and learns the paraphrases' new words from fresh rows."""
+    from dfm.distributed import derive_seed
+    from dfm.model import build_text_encoder
+    from dfm.text import UNK, SmallTextEncoder
+
+    cfg = tiny(tmp_path, "ft", f"model.init_from={t2v_folder}", *FINE_TUNE)
     trainer = Trainer(cfg)
-    found = load_into(trainer.module, folder, "wan")
-    old = load_pipeline(folder)
-    assert "seven" in found["new_words"] and "digit" not in found["new_words"]
-    new_sd, old_sd = trainer.module.net.state_dict(), old.transformer.state_dict()
-    assert all(torch.equal(new_sd[k], old_sd[k]) for k in old_sd)
-    from dfm.text import SmallTextEncoder
-
-    text, old_text = trainer.module.text, SmallTextEncoder.from_pretrained(folder / "text_encoder")
-    for word in ("digit", "moves", "up"):
-        assert torch.equal(text.embed.weight[text.tokenizer.index[word]], old_text.embed.weight[old_text.tokenizer.index[word]])
+    old = load_pipeline(t2v_folder)
+    old_sd, net_sd = old.transformer.state_dict(), trainer.module.net.state_dict()
+    assert old_sd.keys() == net_sd.keys() and all(torch.equal(net_sd[k], old_sd[k]) for k in old_sd)
+    ema = dict(zip(trainer.ema.names, trainer.ema.shadow))
+    assert all(torch.equal(ema[n], p) for n, p in trainer.module.named_parameters())  # EMA starts at the weights
+    text, old_text = trainer.module.text, SmallTextEncoder.from_pretrained(t2v_folder / "text_encoder")
+    vocab, old_vocab = text.tokenizer.vocab, old_text.tokenizer.vocab
+    assert vocab[: len(old_vocab)] == old_vocab and {"seven", "upward"} <= set(vocab[len(old_vocab):])
+    torch.manual_seed(derive_seed(cfg.train.seed, 0xC0DE))  # what the trainer initialises a fresh encoder with
+    fresh = build_text_encoder(cfg.text, vocab).embed.weight
+    rows, old_rows = text.embed.weight, old_text.embed.weight
+    assert torch.equal(rows[: len(old_vocab)], old_rows)  # every word of the folder keeps its row
+    assert torch.equal(rows[len(old_vocab):], fresh[len(old_vocab):])  # new words: fresh rows
+    assert not torch.equal(fresh[: len(old_vocab)], old_rows)
+    state = {k: v for k, v in text.state_dict().items() if k != "embed.weight"}
+    assert all(torch.equal(v, old_text.state_dict()[k]) for k, v in state.items())
     ids, mask = old_text.tokenizer(["the digit 3 moves up"], 16)
     new_ids, new_mask = text.tokenizer(["the digit 3 moves up"], 16)
-    assert torch.allclose(text(new_ids, new_mask), old_text(ids, mask))  # a caption of known words reads the same
+    assert torch.equal(text(new_ids, new_mask), old_text(ids, mask))  # a caption of known words reads the same
+    ids, _ = text.tokenizer(["a seven drifting upward"], 16)
+    assert UNK not in ids.tolist()[0]  # no <unk>: the new words are known
+
+
+def test_init_from_fine_tune_resumes_exactly_and_generates(t2v_folder, tmp_path):
+    args = (f"model.init_from={t2v_folder}", *FINE_TUNE)
+    train(tiny(tmp_path, "full", "train.max_steps=4", *args))
+    train(tiny(tmp_path, "part", "train.max_steps=2", *args))
+    train(tiny(tmp_path, "part", "train.max_steps=4", *args), resume="latest")
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    a = load_checkpoint(latest_checkpoint(tmp_path / "full" / "checkpoints"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "part" / "checkpoints"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    pipe = load_pipeline(tmp_path / "full")  # the run is a whole model: it takes an image and the new words
+    out = pipe.generate(["a seven drifting upward"], image=torch.zeros(3, 8, 8), steps=2, seeds=[0], progress=False)
+    assert torch.isfinite(out.videos).all()
+
+
+def test_a_concat_run_validates_text_to_video(tmp_path):
+    """The validation videos of a concat run are text-to-video (mask 0, y 0, as its unconditioned samples), the
+    same as the checkpoint's pipeline gives without an image."""
+    cfg = tiny(tmp_path, "run", "train.max_steps=2", "conditioning.mode=concat", "train.validate_every=2",
+               "sampling.steps=2", "train.val_prompts=[the digit 1 moves up]")
+    trainer = Trainer(cfg)
+    trainer.run()
+    assert (tmp_path / "run" / "samples" / "step_00000002" / "contact_sheet.png").is_file()
+    with trainer.ema.swapped():
+        ours = trainer.validation_videos(["the digit 1 moves up"])
+    pipe = pipeline_from_checkpoint(tmp_path / "run")
+    seeds = [validation_seed(cfg.train.seed, 0)]
+    theirs = pipe.generate(["the digit 1 moves up"], seeds=seeds, steps=2, progress=False).videos
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_info_shows_the_conditioning(frame_run, tmp_path, capsys):
+    from dfm import cli
+
+    folder = save_pipeline(pipeline_from_checkpoint(frame_run), tmp_path / "model")
+    for path in (frame_run, folder):
+        assert cli.main(["info", str(path)]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("conditioning"))
+        assert "frame (image-to-video" in line and "first latent frame" in line, line
+    plain = tiny(tmp_path, "plain", "train.max_steps=1")
+    train(plain)
+    assert cli.main(["info", str(tmp_path / "plain")]) == 0
+    assert "none (text-to-video only)" in capsys.readouterr().out

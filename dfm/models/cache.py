@@ -68,7 +68,8 @@ def modulated_input(model: nn.Module, h: Tensor, cond) -> Tensor:
     block = model.blocks[0]
     if hasattr(block, "adaln"):  # DiT: shift, scale from adaLN(c)
         c, shared = cond
-        shift, scale = block.adaln(c, shared).chunk(6, dim=1)[:2]  # 2 x [B, 1, D] fp32
+        m = block.adaln(c, shared)  # [B, 6, D], or per token (frame conditioning) [B, L, 6, D]
+        shift, scale = (m.chunk(6, dim=1) if m.ndim == 3 else m.unbind(2))[:2]  # 2 x [B, 1 or L, D] fp32
     else:  # WAN: the block's table + the shared projection of the timestep
         m = block.modulation.float() + cond  # [B, 6, D], or per token (Wan 2.2 TI2V) [B, L, 6, D]
         shift, scale = (m.chunk(6, dim=1) if m.ndim == 3 else m.unbind(2))[:2]  # 2 x [B, 1 or L, D] fp32

@@ -216,15 +216,20 @@ class DiTBlock(nn.Module):
         self.adaln = AdaLN(cfg.dim, dim, 6, cfg.adaln_lora_rank)
 
     def forward(self, x, c, grid, rope=None, context=None, context_mask=None, adaln_shared=None):
-        """x [B, L, D] fp32 residual stream, c [B, D] fp32 conditioning -> [B, L, D]."""
+        """x [B, L, D] fp32 residual stream, c [B, D] (or per token [B, L, D]) fp32 conditioning -> [B, L, D]."""
         dtype = self.mlp.fc1.weight.dtype
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c, adaln_shared).chunk(6, dim=1)  # 6 x [B, 1, D] fp32
+        shift1, scale1, gate1, shift2, scale2, gate2 = _chunks(self.adaln(c, adaln_shared))  # 6 x [B, 1 or L, D] fp32
         h = modulate(self.norm1(x), shift1, scale1).to(dtype)
         x = gated_add(x, self.attn(h, rope, self.pattern, grid, window=self.window), gate1)
         if self.cross_attn is not None and context is not None:
             x = x + self.cross_attn(self.norm_cross(x).to(dtype), context, context_mask)
         h = modulate(self.norm2(x), shift2, scale2).to(dtype)
         return gated_add(x, self.mlp(h), gate2)
+
+
+def _chunks(m: torch.Tensor):
+    """AdaLN's [B, n, D] -> n x [B, 1, D]; per token [B, L, n, D] -> n x [B, L, D] (frame conditioning)."""
+    return m.chunk(m.shape[1], dim=1) if m.ndim == 3 else m.unbind(2)
 
 
 class FinalLayer(nn.Module):
@@ -238,7 +243,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out_features)
 
     def forward(self, x, c):
-        shift, scale = self.adaln(c).chunk(2, dim=1)  # 2 x [B, 1, D] fp32
+        shift, scale = _chunks(self.adaln(c))  # 2 x [B, 1 or L, D] fp32
         return self.linear(modulate(self.norm(x), shift, scale).to(self.linear.weight.dtype))
 
 
@@ -312,8 +317,9 @@ class DiT(nn.Module):
         return check_patchable(shape, self.config.patch_size)
 
     def forward(self, x, c_noise, context=None, context_mask=None, fps=None):
-        """x [B, C, F, H, W], c_noise [B] (or scalar), context [B, Lc, context_dim], context_mask [B, Lc] bool,
-        fps [B] -> [B, C_out, F, H, W] in x's dtype."""
+        """x [B, C, F, H, W], c_noise [B] (or scalar; or per token [B, L]: image conditioning by frame, each token
+        modulated by its own noise level), context [B, Lc, context_dim], context_mask [B, Lc] bool, fps [B]
+        -> [B, C_out, F, H, W] in x's dtype."""
         cfg = self.config
         B = x.shape[0]
         grid = self.check_input(x.shape)  # (F', H', W')
@@ -322,17 +328,22 @@ class DiT(nn.Module):
         if cfg.position == "sincos":
             h = h + sincos_pos_embed_3d(grid, h.shape[-1], device=x.device)  # [B, L, D]
         # fp32 conditioning vector
-        c_noise = torch.as_tensor(c_noise, device=x.device).float().reshape(-1).expand(B)  # [B]
-        c = self.t_embedder(c_noise * cfg.c_noise_scale)  # [B, D]
+        c_noise = torch.as_tensor(c_noise, device=x.device).float()
+        c_noise = c_noise.reshape(-1).expand(B) if c_noise.ndim < 2 else c_noise  # [B], or [B, L] per token
+        c = self.t_embedder(c_noise.flatten() * cfg.c_noise_scale).unflatten(0, c_noise.shape)  # [B, (L,) D]
+        per_token = (lambda v: v[:, None]) if c.ndim == 3 else (lambda v: v)  # noqa: E731  [B, D] -> [B, 1, D]
         if self.fps_embedder is not None and fps is not None:
             fps = torch.as_tensor(fps, device=x.device).float().reshape(-1).expand(B)  # [B]
-            c = c + self.fps_embedder(fps)
+            c = c + per_token(self.fps_embedder(fps))
         if context is not None:
             context = context.to(dtype)
             if self.pooled_proj is not None:
-                c = c + self.pooled_proj(masked_mean(context, context_mask)).float()
+                c = c + per_token(self.pooled_proj(masked_mean(context, context_mask)).float())
+        if c.ndim == 3 and cfg.hourglass:
+            raise ValueError("per-token noise levels need the flat DiT: an hourglass merges tokens")
         cp = self.context_parallel
         h = h if cp is None else cp.shard(h)  # [B, L/N, D] this rank's tokens
+        c = c if cp is None or c.ndim == 2 else cp.shard(c)  # per token: [B, L/N, D], as h
         h = self._trunk(h, c, grid, context, context_mask)  # [B, L, D]
         out = self.final(h, c)  # [B, L, pt*ph*pw*C_out]
         out = out if cp is None else cp.gather(out, math.prod(grid))  # [B, L, pt*ph*pw*C_out] every rank's tokens
@@ -348,7 +359,7 @@ class DiT(nn.Module):
     def _trunk(self, h, c, grid, context, context_mask):
         """The blocks: h [B, L, D] fp32, c [B, D] fp32 -> [B, L, D] fp32."""
         rope = self._rope(grid, h.device)
-        shared = self.adaln_shared(c).flatten(1) if self.adaln_shared is not None else None  # [B, 6D]
+        shared = self.adaln_shared(c).flatten(-2) if self.adaln_shared is not None else None  # [B, (L,) 6D]
         run = lambda h, blocks=self.blocks: run_blocks(blocks, h, c, grid, rope, context, context_mask,  # noqa: E731
                                                      shared, checkpointing=self.gradient_checkpointing)
         return run_stack(self, h, run, (c, shared))  # through a step cache if one is attached

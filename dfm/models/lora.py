@@ -170,9 +170,15 @@ class LoRA(nn.Module):
 
 
 def backbone(net: nn.Module) -> nn.Module:
-    """The WAN / DiT inside wrappers that keep it as `.net` (the pipeline's integer-timestep wrapper)."""
-    while not hasattr(net, "blocks") and isinstance(getattr(net, "net", None), nn.Module):
-        net = net.net
+    """The WAN / DiT inside wrappers that keep it as `.net` (the pipeline's integer-timestep wrapper) or as the
+    one expert of a Wan family backbone (`.experts`: TI2V, I2V; two experts have no one backbone)."""
+    while not hasattr(net, "blocks"):
+        if isinstance(getattr(net, "net", None), nn.Module):
+            net = net.net
+        elif len(getattr(net, "experts", ())) == 1:
+            net = net.experts[0]
+        else:
+            break
     return net
 
 

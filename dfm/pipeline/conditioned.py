@@ -18,7 +18,7 @@ import torch
 from dfm.conditioning import ConditioningConfig, frame_mask
 from dfm.pipeline import folders
 from dfm.pipeline.pipeline import PipelineError
-from dfm.pipeline.wan_family import pixels, read_image
+from dfm.pipeline.wan_family import clip_features, load_image_encoder, pixels, read_image
 
 
 class DfmConditioner:
@@ -28,8 +28,11 @@ class DfmConditioner:
 
     def __init__(self, c: ConditioningConfig, vae):
         self.c, self.vae = c, vae
+        self._clip = None  # (CLIP, processor) of c.image_encoder, loaded at the first image
 
     def check(self, image, last_image, guidance_scale_2) -> None:
+        if self.c.image_encoder and image is None:
+            raise PipelineError("this model is a Wan 2.1 I2V fine-tune: it needs an image (image=..., --image PATH)")
         if guidance_scale_2 is not None:
             raise PipelineError("guidance_scale_2 is a two-expert (Wan 2.2 A14B) setting; use guidance_scale")
         if last_image is not None and not self.c.last:
@@ -53,7 +56,10 @@ class DfmConditioner:
             video = torch.cat([firsts, firsts.new_zeros(n, 3, num_frames - 1, height, width)], dim=2)
             y = self._encode(video)  # [n, C, f, h, w]
             mask = frame_mask(num_frames, y.shape, getattr(self.vae, "temporal_factor", 1)).to(y)
-            return {"condition": torch.cat([mask.expand(n, -1, -1, -1, -1), y], dim=1).to(device)}, lambda z: z
+            cond = {"condition": torch.cat([mask.expand(n, -1, -1, -1, -1), y], dim=1).to(device)}
+            if self.c.image_encoder:  # CLIP features of each video's image [n, N, Di], as WanConditioner
+                cond["image_context"] = self._image_context(image, n).to(device)
+            return cond, lambda z: z
         first = self._encode(firsts).to(device)  # [n, C, 1, h, w]
         cond = {"first_latent": first}
         if last_image is not None:
@@ -64,6 +70,14 @@ class DfmConditioner:
             return torch.cat([z[:, :, :-1], cond["last_latent"].to(z)], dim=2) if "last_latent" in cond else z
 
         return cond, finish
+
+    def _image_context(self, image, n: int) -> torch.Tensor:
+        if self._clip is None:
+            device = next(iter(self.vae.state_dict().values()), torch.empty(0)).device
+            self._clip = load_image_encoder(self.c.image_encoder, device)
+        images = [read_image(im) for im in (list(image) if isinstance(image, (list, tuple)) else [image])]
+        feats = torch.cat([clip_features(*self._clip, [im]) for im in images])  # [k, N, Di]
+        return feats.expand(n, -1, -1) if len(images) == 1 else feats
 
     def _frames(self, image, n: int, what: str, height: int, width: int) -> torch.Tensor:
         images = list(image) if isinstance(image, (list, tuple)) else [image]
@@ -93,7 +107,10 @@ def attach(pipe, conditioning: dict | ConditioningConfig | None) -> None:
 def index_entry(pipe) -> dict:
     """The model_index.json entry of a conditioned pipeline ({} for a text-to-video one: folders stay as they were)."""
     c = getattr(pipe.module, "conditioning", None)
-    return {} if c is None or c.mode == "none" else {"conditioning": {"mode": c.mode, "last": c.last}}
+    if c is None or c.mode == "none":
+        return {}
+    return {"conditioning": {"mode": c.mode, "last": c.last, **({"image_encoder": c.image_encoder} if c.image_encoder
+                                                                 else {})}}
 
 
 folders.CONDITIONERS.append((attach, index_entry))

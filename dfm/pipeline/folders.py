@@ -60,6 +60,7 @@ def _text_module(text):
 
 
 def _save_transformer(net: nn.Module, arch: str, folder: Path) -> None:
+    net = net.net if isinstance(net, IntegerTimesteps) else net  # (sample_as_wan_folder's wrapper)
     if arch == "wan":
         net.save_pretrained(folder)
         return
@@ -221,7 +222,8 @@ def _load_dfm_folder(path: Path, index: dict, device, dtype) -> Pipeline:
     cond = index.get("conditioning") or {}
     _check_fit(path, net, text, vae, in_channels(ConditioningConfig(cond.get("mode", "none")), vae.channels,
                                                  getattr(vae, "temporal_factor", 1)))
-    module = _diffusion_module(net, text, paradigm, diffusion, t.get("null", "empty"))
+    backbone = IntegerTimesteps(net) if diffusion.get("integer_timesteps") else net  # a Wan folder's fine-tune
+    module = _diffusion_module(backbone, text, paradigm, diffusion, t.get("null", "empty"))
     config_yaml = (path / "config.yaml").read_text() if (path / "config.yaml").is_file() else None
     return _conditioned(cond or None, Pipeline(module.to(device), text, vae.to(device), arch=arch, paradigm=paradigm, diffusion=diffusion,
                     defaults=defaults, null=t.get("null", "empty"), use_mask=bool(t.get("mask", True)), kind="dfm",
@@ -379,10 +381,26 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
         net.cast(dtype)
     source = {"checkpoint": str(path), "step": int(ckpt["step"]), "weights": "ema" if use_ema else "model"}
     frozen = FrozenSmallTextEncoder(text, f"{path}/text.json") if small else text
-    return _conditioned(r.conditioning, Pipeline(module.eval().to(device), frozen, vae.eval().to(device), arch=r.model.arch,
+    pipe = _conditioned(r.conditioning, Pipeline(module.eval().to(device), frozen, vae.eval().to(device), arch=r.model.arch,
                     paradigm=r.diffusion.paradigm, diffusion=diffusion, defaults=defaults, null=r.text.null,
-                    use_mask=True, kind="dfm", device=device, dtype=dtype, source=source,
+                    use_mask=r.text.mask, kind="dfm", device=device, dtype=dtype, source=source,
                     config_yaml=trained.config_yaml))
+    wan = r.model.init_from and lora.diffusers_wan(r.model.init_from)  # a full fine-tune of a Wan folder
+    return sample_as_wan_folder(pipe, r.model.init_from) if wan else pipe
+
+
+def sample_as_wan_folder(pipe: Pipeline, folder) -> Pipeline:
+    """A full fine-tune of a diffusers Wan folder samples as the folder does with its scheduler's sampler: integer
+    timesteps (UniPC / DPM-Solver) and the scheduler's options (UniPC's variant, order)."""
+    diffusion, defaults, options = wan_scheduler_settings(Path(folder))
+    if pipe.defaults.get("sampler") != defaults["sampler"]:
+        return pipe
+    if diffusion["integer_timesteps"]:
+        pipe.module.net = IntegerTimesteps(pipe.module.net)
+        pipe.diffusion["integer_timesteps"] = True
+    if options:
+        pipe.sampler_options.setdefault(defaults["sampler"], options)
+    return pipe
 
 
 EXPORTED = {"dfm": {"model_index.json", "config.yaml", "transformer", "text_encoder", "vae"},  # what export writes

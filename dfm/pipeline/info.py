@@ -53,6 +53,19 @@ def _transformer_summary(arch: str, cfg: dict) -> str:
     return f"{arch} ({name}, {layers} blocks, width {width}, patch {patch})"
 
 
+def conditioning_line(c: dict | None) -> str:
+    """A dfm model's image conditioning (dfm.conditioning) for `dfm info`."""
+    mode = (c or {}).get("mode", "none")
+    if mode == "none":
+        return "none (text-to-video only)"
+    if mode == "frame":
+        given = "first and last latent frames" if c.get("last") else "first latent frame"
+        return f"frame (image-to-video: the image's latents are the {given} at t = 0; --image optional)"
+    clip = f" + CLIP image context ({c['image_encoder']})" if c.get("image_encoder") else ""
+    return f"concat (image-to-video: [mask, E(image, zeros...)] along channels{clip}; --image " \
+           f"{'required' if clip else 'optional'})"
+
+
 def describe(path: str | Path) -> str:
     """`dfm info`: what a dfm model folder, a diffusers Wan folder or a trainer checkpoint holds. Reads configs and
     safetensors headers only (the VAE is loaded for its factors), so it is quick even for a 14B folder."""
@@ -72,6 +85,7 @@ def describe(path: str | Path) -> str:
                          f"{text.get('max_length')}, null {t.get('null')}, mask {'on' if t.get('mask') else 'off'}")
             add("path", f"{path} (dfm model folder)")
             add("source", json.dumps(index.get("source", {})))
+            add("conditioning", conditioning_line(index.get("conditioning")))
         elif index.get("_class_name") in ("WanPipeline", "WanImageToVideoPipeline"):
             arch, paradigm = "wan", "flow"
             diffusion, defaults, options = wan_scheduler_settings(path)
@@ -109,6 +123,7 @@ def describe(path: str | Path) -> str:
         add("path", f"{ckpt} (trainer checkpoint, step {state.get('step')})")
         add("weights", "model.safetensors + ema.safetensors" if (ckpt / "ema.safetensors").is_file()
             else "model.safetensors (no EMA)")
+        add("conditioning", conditioning_line(dataclasses.asdict(r.conditioning)))
         groups = _safetensors_params([ckpt / "model.safetensors"], by_prefix=True)
         parts = {"transformer": groups.get("net", 0), "text_encoder": groups.get("text", 0),
                  "vae": sum(p.numel() for p in vae.parameters())}

@@ -265,11 +265,7 @@ class WanConditioner:
         out["condition"] = torch.cat([self._mask(num_frames, latents.shape, last is not None).to(latents),
                                       latents], dim=1)  # [1, 4 + C, f, h, w]
         if self.clip is not None:
-            inputs = self.processor(images=[first] if last is None else [first, last], return_tensors="pt")
-            device = next(self.clip.parameters()).device
-            feats = self.clip(pixel_values=inputs["pixel_values"].to(device, self.clip.dtype),
-                              output_hidden_states=True).hidden_states[-2]  # [1 or 2, 257, Di], penultimate
-            out["image_context"] = feats.float().reshape(1, -1, feats.shape[-1])  # [1, N, Di]: first, then last
+            out["image_context"] = clip_features(self.clip, self.processor, [first] if last is None else [first, last])
         return out
 
     def _mask(self, num_frames: int, shape, has_last: bool) -> torch.Tensor:
@@ -300,6 +296,22 @@ def _load_clip(path: Path, device, dtype):
     except (OSError, ValueError) as e:
         raise PipelineError(f"{path}/image_encoder: {first_line(e)}; {again}") from None
     return clip.eval().to(device), processor
+
+
+@torch.no_grad()
+def clip_features(clip, processor, images: list) -> torch.Tensor:
+    """PIL images of one video (first, then last) -> [1, N, Di] fp32: CLIP's penultimate hidden state, the image
+    context of Wan 2.1 I2V / FLF2V (diffusers' encode_image)."""
+    inputs = processor(images=images, return_tensors="pt")
+    device = next(clip.parameters()).device
+    feats = clip(pixel_values=inputs["pixel_values"].to(device, clip.dtype),
+                 output_hidden_states=True).hidden_states[-2]  # [1 or 2, 257, Di], penultimate
+    return feats.float().reshape(1, -1, feats.shape[-1])  # [1, N, Di]
+
+
+def load_image_encoder(folder, device=None, dtype=torch.float32):
+    """(CLIP vision model, its processor) of a Wan I2V folder (FOLDER/image_encoder, FOLDER/image_processor)."""
+    return _load_clip(Path(folder), device or torch.device("cpu"), dtype)
 
 
 def load_family_folder(path: Path, index: dict, device, dtype) -> Pipeline:

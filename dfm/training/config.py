@@ -158,6 +158,9 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
                               f"trainer run or a diffusers Wan folder")
         cfg.model.init_from = str(Path(cfg.model.init_from).resolve())  # the run's config.yaml works from anywhere
         resolve_init_from(cfg)  # a diffusers Wan folder: its transformer config, VAE, UMT5 and flow settings
+    if not cfg.text.mask and cfg.text.encoder == "small":
+        raise ConfigError("text.mask=false (attend to the zero padding, as Wan folders) needs a frozen Hugging Face "
+                          "text encoder (text.encoder=FOLDER); the small encoder trains with its mask")
 
 
 def config_changes(saved: Path, cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -6,14 +6,16 @@ Its transformer config (model.arch wan, the WanConfig fields as model.overrides 
 (autoencoder.name = FOLDER/vae), its UMT5 encoder and tokenizer (text.encoder = FOLDER/text_encoder, frozen) and the
 flow settings its scheduler samples with (sampling.shift, sampler and grid; guidance 5) fill the config — each only
 where the recipe leaves the field at its default, so a recipe can still set any of them. `--dry-run` prints the
-result. Folders that are not Wan 2.1 text-to-video (two-expert Wan 2.2, image-to-video, TI2V) and folders that are
-neither dfm's nor Wan's get one line before any work (ConfigError, exit 2)."""
+result. A Wan 2.2 TI2V folder also sets its conditioning layout (conditioning.mode=frame). Other folders (two-expert
+Wan 2.2) and folders that are neither dfm's nor Wan's get one line before any work (ConfigError, exit 2)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
+
+import torch
 
 from dfm.checkpoint import find_checkpoint
 from dfm.config import ConfigError
@@ -22,7 +24,8 @@ from dfm.models.wan import WanConfig
 from dfm.pipeline.folders import wan_scheduler_settings
 from dfm.pipeline.pipeline import PipelineError
 
-SUPPORTED = "model.init_from takes a dfm model folder, a trainer run or a diffusers Wan 2.1 text-to-video folder"
+SUPPORTED = ("model.init_from takes a dfm model folder, a trainer run, or a diffusers Wan 2.1 text-to-video, Wan 2.1 "
+             "I2V or Wan 2.2 TI2V folder")
 DERIVED = ("in_channels", "out_channels", "text_dim")  # from the VAE and the text encoder (dfm.model)
 
 
@@ -43,23 +46,46 @@ def _is_dfm(folder: Path) -> bool:
         return find_checkpoint(folder) is not None
 
 
-def check_wan_folder(folder: Path, index: dict) -> WanConfig:
-    """The folder's transformer config, or one line saying which Wan folders model.init_from supports."""
+def check_wan_folder(folder: Path, index: dict) -> tuple[WanConfig, str]:
+    """(the folder's transformer config, its layout: "T2V" or "TI2V"), or one line saying which Wan folders
+    model.init_from supports."""
     name = index.get("_class_name")
     if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
         raise ConfigError(f"model.init_from={folder} is a two-expert Wan 2.2 folder; not supported: {SUPPORTED}")
-    if name != "WanPipeline":
-        raise ConfigError(f"model.init_from={folder} is a {name} folder (image-to-video); not supported: {SUPPORTED}")
-    if index.get("expand_timesteps"):
-        raise ConfigError(f"model.init_from={folder} is a Wan 2.2 TI2V folder; not supported: {SUPPORTED}")
+    if name not in ("WanPipeline", "WanImageToVideoPipeline"):
+        raise ConfigError(f"model.init_from={folder} is a {name} folder; not supported: {SUPPORTED}")
     try:
         config = WanConfig.from_dict(json.loads((folder / "transformer" / "config.json").read_text()))
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"model.init_from={folder}: no readable transformer/config.json ({e}); download the Wan "
                           f"folder again") from None
-    if config.image_dim is not None:
+    kind = "TI2V" if index.get("expand_timesteps") else "T2V" if name == "WanPipeline" else "I2V"
+    if kind == "I2V" and (config.image_dim is None or config.pos_embed_seq_len):
+        what = "a first-last-frame (FLF2V) model" if config.image_dim else "an image-to-video transformer without CLIP"
+        raise ConfigError(f"model.init_from={folder} holds {what}; not supported: {SUPPORTED}")
+    if kind != "I2V" and config.image_dim is not None:
         raise ConfigError(f"model.init_from={folder} holds an image-to-video transformer; not supported: {SUPPORTED}")
-    return config
+    return config, kind
+
+
+def layout_conditioning(cfg, folder: Path, kind: str) -> None:
+    """The folder's own image conditioning. TI2V (Wan 2.2 5B) gives the first latent frame clean at t = 0:
+    conditioning.mode=frame (first frame only, as the folder's pipeline does). I2V (Wan 2.1) concatenates
+    [mask, E(frame, zeros...)] to the 16 noisy channels and reads the frame's CLIP features: conditioning.mode=concat,
+    image_encoder=FOLDER, probability 1 (its transformer always gets an image)."""
+    c, default = cfg.conditioning, type(cfg.conditioning)()
+    if kind == "TI2V":
+        if c.mode == "none":
+            c.mode = "frame"
+        if c.mode != "frame" or c.last:
+            raise ConfigError(f"model.init_from={folder} is a Wan 2.2 TI2V folder: it is conditioned by its first "
+                              f"latent frame (conditioning.mode=frame, conditioning.last=false); leave "
+                              f"conditioning.mode unset")
+    if kind == "I2V":
+        if c.mode not in ("none", "concat") or c.probability not in (default.probability, 1):
+            raise ConfigError(f"model.init_from={folder} is a Wan 2.1 I2V folder: every sample is conditioned by its "
+                              f"first frame (conditioning.mode=concat, probability 1); leave conditioning unset")
+        c.mode, c.probability, c.image_encoder = "concat", 1.0, c.image_encoder or str(folder)
 
 
 def resolve_init_from(cfg) -> None:
@@ -71,7 +97,8 @@ def resolve_init_from(cfg) -> None:
             return
         raise ConfigError(f"model.init_from={folder} is neither a dfm model folder or run nor a diffusers Wan "
                           f"folder; {SUPPORTED}")
-    wan = check_wan_folder(folder, index)
+    wan, kind = check_wan_folder(folder, index)
+    layout_conditioning(cfg, folder, kind)
     m = cfg.model
     if m.arch != "wan" or cfg.diffusion.paradigm != "flow":
         raise ConfigError(f"model.init_from={folder} is a Wan (flow-matching) model; set model.arch=wan and "
@@ -89,6 +116,7 @@ def resolve_init_from(cfg) -> None:
     if cfg.text.encoder == "small":
         cfg.text.encoder = str(folder / "text_encoder")  # UMT5, frozen; its tokenizer is ../tokenizer
         cfg.text.trainable = False
+        cfg.text.mask = False  # as diffusers' Wan pipelines: no mask, the transformer attends to the zero padding
     try:
         diffusion, defaults, _ = wan_scheduler_settings(folder)
     except PipelineError as e:
@@ -100,3 +128,43 @@ def resolve_init_from(cfg) -> None:
             setattr(s, key, value)
     if cfg.diffusion.flow.timestep_scale == type(cfg.diffusion.flow)().timestep_scale:
         cfg.diffusion.flow.timestep_scale = diffusion["timestep_scale"]
+
+
+# ======================================================================= a full fine-tune's start (the trainer)
+
+
+def run_vocab(cfg, base, captions) -> list:
+    """The small text encoder's vocabulary of a run starting from `base` (lora.Base or None): a fresh run's words
+    (`captions()`), a LoRA's base vocabulary (its frozen encoder), or for a full fine-tune the base's words in their
+    order followed by the run's new ones (a paraphrase's "seven", "upward"), so the vocabulary grows by word."""
+    from dfm.text import WordTokenizer
+
+    if base is None or base.vocab is None:
+        return WordTokenizer.from_captions(captions()).vocab
+    if cfg.lora.rank:
+        return list(base.vocab)
+    known = set(base.vocab)
+    return [*base.vocab, *(w for w in WordTokenizer.from_captions(captions()).vocab if w not in known)]
+
+
+@torch.no_grad()
+def init_weights(module, base, init_module) -> list[str]:
+    """`init_module(module, base)` (dfm.pipeline.lora.init_module: strict copies of the transformer and the text
+    encoder) with the text encoder's word table copied by word: a word the base knows takes the base's row, a new
+    word keeps the row it was initialised with. Returns the new words."""
+    text = getattr(module, "text", None)
+    if base.text is None or base.vocab is None or text is None or list(text.tokenizer.vocab) == list(base.vocab):
+        init_module(module, base)
+        return []
+    old_rows, old = base.text["embed.weight"], {w: j for j, w in enumerate(base.vocab)}
+    rows = text.embed.weight.detach().clone()  # [V_new, D], fresh rows
+    if rows.shape[1:] != old_rows.shape[1:]:
+        init_module(module, base)  # the widths differ: init_module names the misfit in one line
+    new = []
+    for word, i in text.tokenizer.index.items():
+        if word in old:
+            rows[i] = old_rows[old[word]]
+        else:
+            new.append(word)
+    init_module(module, dataclasses.replace(base, text={**base.text, "embed.weight": rows}))
+    return new

@@ -42,11 +42,13 @@ from dfm.errors import UserError, first_line
 from dfm.model import (DiffusionModule, build_autoencoder, build_backbone, build_text_encoder, sampling_defaults,
                        sampling_recipe, set_activation_checkpointing)
 from dfm.pipeline import lora as lora_runs
+from dfm.pipeline.conditioned import attach as attach_conditioner
 from dfm.pipeline.folders import load_pipeline
 from dfm.pipeline.pipeline import SEED_LIMIT, Pipeline, PipelineError, count_tokens
-from dfm.text import SmallTextEncoder, WordTokenizer, pad_context
+from dfm.text import SmallTextEncoder, pad_context
 from dfm.conditioning import in_channels
-from dfm.training.conditioning import check_training_conditioning, loss_inputs
+from dfm.training import init_from
+from dfm.training.conditioning import check_training_conditioning, image_encoder, loss_inputs
 from dfm.training.config import TrainConfig, TrainingError, check_config, config_changes
 from dfm.training.data import (GlobalOrder, StepBatches, build_dataset, check_latent_dataset, check_stored_text,
                                collate_batch, keep_captions, vocabulary_captions)
@@ -180,8 +182,8 @@ class Trainer:
             check_latent_dataset(cfg, self.dataset, self.autoencoder)
         init = cfg.model.init_from  # the weights to start from (a LoRA's frozen base)
         base = lora_runs.load_base(init, load_pipeline) if init else None
-        vocab = self.resume.vocab if self.resume else base.vocab if base and base.vocab else \
-            WordTokenizer.from_captions(vocabulary_captions(cfg, self.dataset)).vocab
+        vocab = self.resume.vocab if self.resume else \
+            init_from.run_vocab(cfg, base, lambda: vocabulary_captions(cfg, self.dataset))  # grown by word
         torch.manual_seed(D.derive_seed(t.seed, 0xC0DE))  # identical initial weights on every rank
         stored = self.dataset.text_encoder if self.latents else None  # embeddings of a given length on disk
         text = build_text_encoder(cfg.text, vocab, stored.get("max_length") if stored else None)
@@ -191,13 +193,13 @@ class Trainer:
             check_stored_text(cfg, self.dataset, self.frozen_text)
         if self.frozen_text is None:
             text.requires_grad_(cfg.text.trainable)
+        self.images = image_encoder(cfg, self.info.device)  # CLIP of a Wan 2.1 I2V layout, frozen; else None
         channels = self.autoencoder.channels
         net = build_backbone(cfg.model, channels, text.dim,
                              in_channels(cfg.conditioning, channels, getattr(self.autoencoder, "temporal_factor", 1)))
         module = DiffusionModule(net, text if self.frozen_text is None else None, cfg.diffusion, cfg.text.null,
                                  cfg.conditioning)
-        if base is not None:
-            lora_runs.init_module(module, base)
+        new_words = init_from.init_weights(module, base, lora_runs.init_module) if base is not None else []
         if cfg.lora.rank:  # base frozen, only the adapters (module.lora) train
             lora_runs.attach_training_lora(module, cfg.lora, compute_dtype(self.info.device, t.precision))
         if self.resume:
@@ -253,6 +255,9 @@ class Trainer:
                 if later:
                     self._notice_early(f"resuming from step {self.start_step}: the later checkpoints ({', '.join(later)}) "
                                        f"moved to {dest}; this run replaces them")
+            if new_words and not self.resume:
+                self._notice_early(f"model.init_from: the text encoder learns {len(new_words)} new words "
+                                   f"({' '.join(new_words[:12])}{' ...' if len(new_words) > 12 else ''})")
             self.out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.out / "config.yaml", config_yaml(cfg))
         self.log = Logger(self.out, self.info.is_main, t.tensorboard, self.start_step if self.resume else None)
@@ -312,7 +317,8 @@ class Trainer:
                 context[drop], mask[drop] = null[0].to(context.dtype), null_mask[0]
         else:
             context, mask = self.frozen_text.encode(captions)  # [b, L, D], [b, L] (cached per prompt)
-        return context.to(dev), mask.to(dev), torch.tensor(keep, device=dev)
+        mask = mask.to(dev) if self.cfg.text.mask else None  # text.mask=false: Wan's zero padding, attended
+        return context.to(dev), mask, torch.tensor(keep, device=dev)
 
     def train_step(self, step: int, micro_batches: list[dict]) -> tuple[float, float, float]:
         """One optimizer update from this rank's micro-batches: (global mean loss, grad norm, lr)."""
@@ -333,7 +339,7 @@ class Trainer:
                     x0 = self.autoencoder.encode(batch["video"].to(dev, non_blocking=True))
             ids, mask, keep = self.conditioning(batch)
             gens = D.sample_generators(cfg.train.seed, batch["sample"].tolist(), 0)
-            image = loss_inputs(cfg, batch, x0, self.autoencoder)  # image conditioning (dfm.conditioning)
+            image = loss_inputs(cfg, batch, x0, self.autoencoder, self.images)  # image conditioning
             with D.gradient_sync(self.model, a == len(micro_batches) - 1):
                 with autocast(dev, cfg.train.precision):
                     per_sample = self.model("loss", x0, ids, mask, keep, gens, **image)  # [b]
@@ -502,9 +508,11 @@ class Trainer:
         text = self.frozen_text if self.frozen_text is not None else \
             ModuleText(model, self.module.text, dev, cfg.train.precision)
         defaults = sampling_defaults(cfg, cfg.data.num_frames, cfg.data.size, cfg.data.fps)
-        return Pipeline(model, text, self.autoencoder, arch=cfg.model.arch, paradigm=cfg.diffusion.paradigm,
-                        diffusion=sampling_recipe(cfg), defaults=defaults, null=cfg.text.null, use_mask=True,
+        pipe = Pipeline(model, text, self.autoencoder, arch=cfg.model.arch, paradigm=cfg.diffusion.paradigm,
+                        diffusion=sampling_recipe(cfg), defaults=defaults, null=cfg.text.null, use_mask=cfg.text.mask,
                         device=dev, dtype=compute_dtype(dev, cfg.train.precision))
+        attach_conditioner(pipe, cfg.conditioning)  # concat: text-to-video as the unconditioned samples (mask 0, y 0)
+        return pipe
 
     @torch.no_grad()
     def validation_videos(self, prompts: list[str], steps: int | None = None) -> torch.Tensor:
