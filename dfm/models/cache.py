@@ -11,8 +11,8 @@ decide when (each a `StepCache`; the hook is `run_stack`, called by WanModel.for
             residual cached at level u_c at level u_k is e_k = |1 - prod_{j<=k} gamma_j| (magnitude only); when
             the calibration measured how the residual itself changes along u (`ChangeCurve`, relative L1 change:
             direction and magnitude), dfm uses that measured change e_k = rel_l1(r(u_k), r(u_c)) instead. On the
-            shipped WAN the residual changes 5-10x more per step than its magnitude (its direction turns), and
-            by a different profile along u, so the magnitude alone picks worse steps to skip (README).
+            shipped WAN the residual changes several times more per step than its magnitude (its direction
+            turns), and by a different profile along u (README: the comparison with diffusers' MagCache).
   teacache  (Liu et al. 2025, "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model"): the relative
             L1 change of the first block's timestep-modulated input LN(h) * (1 + scale) + shift, mapped through a
             polynomial fitted on an uncached run to the relative change of the residual, accumulated until it
