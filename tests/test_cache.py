@@ -391,3 +391,22 @@ def test_fbcache_accumulates_the_error_of_its_skips():
         computed.append(cache.computed > before)
     assert computed == [True, False, True, False, True]  # 0.1 skips; 0.3 computes; 1/12 skips; 5/12 computes
     assert cache.blocks_run == 3 * 2 + 2  # 3 full stacks + block 0 of the 2 skipped calls
+
+
+def test_magcache_retains_the_first_steps_of_the_grid():
+    """retention 0.2 of a 10-step grid: the first int(0.2 * 10 + 0.5) = 2 steps compute whatever the threshold,
+    then the rule may skip (K = 1 here: every other call), and the last level computes."""
+    levels = [1.0 - 0.1 * i for i in range(10)]  # 1.0 .. 0.1, descending
+    flat = NormCurve([0.0, 1.0], [1.0, 1.0])
+    cache = MagCache(HUGE, flat, max_skips=1, retention=0.2)
+    net = _identity_net()
+    cache.start(last_level=levels[-1], levels=levels)
+    computed = []
+    for u in levels:
+        before = cache.computed
+        cache.at(u)
+        cache.step(net, torch.zeros(1, 2, 3), lambda h, blocks=None: h + 1, None)
+        computed.append(cache.computed > before)
+    assert computed == [True, True, False, True, False, True, False, True, False, True]
+    cache.start(last_level=levels[-1])  # no grid told: no retention
+    assert cache.retained_above == float("inf")

@@ -13,6 +13,8 @@ decide when (each a `StepCache`; the hook is `run_stack`, called by WanModel.for
             direction and magnitude), dfm uses that measured change e_k = rel_l1(r(u_k), r(u_c)) instead. On the
             shipped WAN the residual changes several times more per step than its magnitude (its direction
             turns), and by a different profile along u (README: the comparison with diffusers' MagCache).
+            The first `retention` of the grid's steps always compute (MagCache's retention ratio, 0.2 by default
+            in dfm/pipeline/caching.py): the high-noise steps set the video's layout, errors there do not fade.
   teacache  (Liu et al. 2025, "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model"): the relative
             L1 change of the first block's timestep-modulated input LN(h) * (1 + scale) + shift, mapped through a
             polynomial fitted on an uncached run to the relative change of the residual, accumulated until it
@@ -95,9 +97,11 @@ class StepCache:
         self.threshold = float(threshold)
         self.start()
 
-    def start(self, last_level: float = 0.0) -> None:
-        """Forget everything; `last_level` is the grid's last non-zero level u (calls at or below it compute)."""
+    def start(self, last_level: float = 0.0, levels: Sequence[float] | None = None) -> None:
+        """Forget everything; `last_level` is the grid's last non-zero level u (calls at or below it compute),
+        `levels` the grid's non-zero levels, descending (None: not told)."""
         self.last_level, self.level, self.residual = float(last_level), None, None
+        self.levels = None if levels is None else [float(u) for u in levels]
         self.calls = self.computed = self.blocks_run = 0
         self.reset()
 
@@ -162,12 +166,19 @@ class ChangeCurve:
 class MagCache(StepCache):
     name = "magcache"
 
-    def __init__(self, threshold: float, curve: NormCurve, max_skips: int = 2, change: ChangeCurve | None = None):
-        self.curve, self.max_skips, self.change = curve, int(max_skips), change
+    def __init__(self, threshold: float, curve: NormCurve, max_skips: int = 2, change: ChangeCurve | None = None,
+                 retention: float = 0.0):
+        """retention: the fraction of the grid's first steps that always compute (MagCache's retention ratio)."""
+        self.curve, self.max_skips, self.change, self.retention = curve, int(max_skips), change, float(retention)
         super().__init__(threshold)
 
     def reset(self) -> None:
         self.ratio, self.error, self.skips, self.prev_level, self.cached_level = 1.0, 0.0, 0, None, None
+        k = int(self.retention * len(self.levels) + 0.5) if self.levels else 0  # steps 0 .. k-1 compute
+        self.retained_above = self.levels[min(k, len(self.levels) - 1)] if k > 0 else float("inf")
+
+    def forced(self, h: Tensor) -> bool:
+        return super().forced(h) or (self.level is not None and self.level > self.retained_above * (1 + 1e-6))
 
     def step(self, model, h, run, cond):
         self.calls += 1

@@ -43,8 +43,9 @@ from dfm.models.cache import (METHODS, ChangeCurve, FBCache, MagCache, NormCurve
 CACHE_FILE = "cache.json"
 FORMAT = 1
 # one threshold per method (`cache_threshold=None`); chosen on the shipped models at 20 steps (README, benchmarks/cache.py)
-DEFAULT_THRESHOLDS = {"magcache": 0.5, "teacache": 0.3, "fbcache": 0.1}
+DEFAULT_THRESHOLDS = {"magcache": 0.8, "teacache": 0.3, "fbcache": 0.1}
 MAGCACHE_MAX_SKIPS = 3  # consecutive skipped steps at most (MagCache's K; diffusers' default too)
+MAGCACHE_RETENTION = 0.2  # the first 20 % of the steps always compute (MagCache's retention ratio; diffusers' too)
 CALIBRATION_STEPS = (10, 20, 50)  # one uncached generation of CALIBRATION_PROMPTS per step count
 CALIBRATION_PROMPTS = ("the digit 3 moves to the right", "a red car drives along a street at night")
 TEACACHE_DEGREE = 4
@@ -240,7 +241,8 @@ def _build(pipe, name: str, threshold: float | None, clip: dict) -> StepCache:
     data = calibration_for(pipe, **clip)
     if name == "magcache":
         m = data["magcache"]
-        return MagCache(threshold, NormCurve(m["levels"], m["norms"]), MAGCACHE_MAX_SKIPS, change_curve(data))
+        return MagCache(threshold, NormCurve(m["levels"], m["norms"]), MAGCACHE_MAX_SKIPS, change_curve(data),
+                        MAGCACHE_RETENTION)
     t = data["teacache"]
     return TeaCache(threshold, t["coefficients"], t["x_max"])
 
@@ -263,7 +265,7 @@ def cached_denoiser(pipe, cache: StepCache | None, grid):
         yield pipe.denoise
         return
     u = grid.flow_times().double()  # [n + 1], the levels u = sigma / (1 + sigma)
-    cache.start(last_level=float(u[u > 0].min()))
+    cache.start(last_level=float(u[u > 0].min()), levels=u[u > 0].tolist())
 
     def denoise(x, sigma, **cond):
         s = float(torch.as_tensor(sigma).double().max())
