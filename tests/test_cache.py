@@ -19,9 +19,10 @@ import torch
 
 from dfm import cli
 from dfm.models import DiT
-from dfm.models.cache import METHODS, MagCache, NormCurve, Recorder
+from dfm.models.cache import METHODS, ChangeCurve, FBCache, MagCache, NormCurve, Recorder
 from dfm.pipeline import load_pipeline
-from dfm.pipeline.caching import CACHE_FILE, CacheError, backbone, calibrate, default_cache, user_file
+from dfm.pipeline.caching import (CACHE_FILE, MAGCACHE_MAX_SKIPS, CacheError, backbone, calibrate, change_curve,
+                                  default_cache, user_file)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"wan": ROOT / "models" / "wan_flow_digits", "dit": ROOT / "models" / "dit_edm_digits"}
@@ -102,8 +103,8 @@ def test_skipped_steps_run_no_block_and_the_first_and_last_steps_compute(pipes, 
     assert tail[0] and tail[-1]  # the first call and the last step (flow:euler / dpmpp_2m: one call per step)
     expected = c["computed"] * n + (c["skipped"] if method == "fbcache" else 0)  # fbcache probes with block 0
     assert sum(counter.calls) == c["blocks_run"] == expected
-    if method == "magcache":  # at most MAGCACHE_MAX_SKIPS (2) skips in a row
-        assert "False, False, False" not in str(tail)
+    if method == "magcache":  # at most MAGCACHE_MAX_SKIPS skips in a row
+        assert ", ".join(["False"] * (MAGCACHE_MAX_SKIPS + 1)) not in str(tail)
 
 
 def test_last_step_of_a_two_evaluation_sampler_computes(pipes):
@@ -309,3 +310,103 @@ def test_magcache_rule_by_hand():
         cache.step(net, torch.zeros(1, 2, 3), lambda h, blocks=None: h + 1, None)
         computed.append(cache.computed > before)
     assert computed == [True, False, True, False, True, True]  # the last level computes whatever the error
+
+
+def _identity_net():
+    net = torch.nn.Module()
+    net.blocks = torch.nn.ModuleList([torch.nn.Identity()])
+    return net
+
+
+def test_change_curve_by_hand():
+    """Consecutive changes 0.1 (u 1 -> 0.5) and 0.3 (0.5 -> 0): between any two levels, the interpolated sum."""
+    c = ChangeCurve([1.0, 0.5, 0.0], [None, 0.1, 0.3])
+    for (u1, u2), want in (((1.0, 0.0), 0.4), ((1.0, 0.75), 0.05), ((0.5, 0.25), 0.15), ((0.25, 0.75), 0.2)):
+        assert abs(c(u1, u2) - want) < 1e-12
+
+
+def test_magcache_with_the_measured_change_by_hand():
+    """With a ChangeCurve the error of the k-th skip is the change since the cached level (0.1 per 0.1 in u here:
+    0.1, then 0.1 + 0.2), not the magnitude's (gamma 1: no magnitude error at all), strictly below the threshold."""
+    flat = NormCurve([0.0, 1.0], [1.0, 1.0])
+    change = ChangeCurve([1.0, 0.0], [None, 1.0])  # rel change 1.0 per unit of u
+    cache = MagCache(0.3 - 1e-9, flat, max_skips=5, change=change)
+    net = _identity_net()
+    cache.start(last_level=0.05)
+    computed = []
+    for u in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.05):
+        before = cache.computed
+        cache.at(u)
+        cache.step(net, torch.zeros(1, 2, 3), lambda h, blocks=None: h + 1, None)
+        computed.append(cache.computed > before)
+    assert computed == [True, False, True, False, True, False, True]
+    magnitude_only = MagCache(0.3, flat, max_skips=5)  # MagCache's own error: 0 here, so only K limits it
+    magnitude_only.start(last_level=0.05)
+    for u in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.05):
+        magnitude_only.at(u)
+        magnitude_only.step(net, torch.zeros(1, 2, 3), lambda h, blocks=None: h + 1, None)
+    assert magnitude_only.computed == 2  # the first call and the last level
+
+
+def test_the_calibrated_change_matches_a_fresh_run(pipes):
+    """magcache's ChangeCurve from a 40-step run predicts the residual change of a 10-step run (each pair of
+    consecutive calls) within 35 %, and it is not the magnitude ratio (the residual turns: more change)."""
+    pipe = pipes["wan"]
+    data = calibrate(pipe, steps=(40,), prompts=PROMPTS[:1])
+    change = change_curve(data)
+    other = Recorder()
+    pipe.generate(PROMPTS[:1], seed=0, steps=10, progress=False, cache=other)
+    pairs = list(zip(other.records, other.records[1:]))
+    predicted = torch.tensor([change(a["level"], b["level"]) for a, b in pairs])
+    measured = torch.tensor([b["residual_change"] for a, b in pairs])
+    assert ((predicted - measured).abs() / measured).max() < 0.35
+    magnitude = torch.tensor([abs(1 - b["norm"] / a["norm"]) for a, b in pairs])
+    assert (measured > magnitude).all()
+
+
+def test_fbcache_accumulates_the_error_of_its_skips():
+    """Block 0 adds 1.0, 1.1, 1.2, 1.3, 1.6 on successive calls: changes vs the cached 1.0 are 0.1, 0.2; with
+    threshold 0.25 the second skip (0.1 + 0.2 = 0.3) computes, where the current change alone (0.2) would skip."""
+    net = torch.nn.Module()
+    adds = iter([1.0, 1.1, 1.2, 1.3, 1.6])
+
+    class First(torch.nn.Module):
+        def forward(self, h):
+            return h + next(adds)
+
+    net.blocks = torch.nn.ModuleList([First(), torch.nn.Identity()])
+
+    def run(h, blocks=net.blocks):
+        for b in blocks:
+            h = b(h)
+        return h
+
+    cache = FBCache(0.25)
+    cache.start(last_level=0.05)
+    computed = []
+    for u in (1.0, 0.9, 0.8, 0.7, 0.6):
+        before = cache.computed
+        cache.at(u)
+        cache.step(net, torch.zeros(1, 2, 3), run, None)
+        computed.append(cache.computed > before)
+    assert computed == [True, False, True, False, True]  # 0.1 skips; 0.3 computes; 1/12 skips; 5/12 computes
+    assert cache.blocks_run == 3 * 2 + 2  # 3 full stacks + block 0 of the 2 skipped calls
+
+
+def test_magcache_retains_the_first_steps_of_the_grid():
+    """retention 0.2 of a 10-step grid: the first int(0.2 * 10 + 0.5) = 2 steps compute whatever the threshold,
+    then the rule may skip (K = 1 here: every other call), and the last level computes."""
+    levels = [1.0 - 0.1 * i for i in range(10)]  # 1.0 .. 0.1, descending
+    flat = NormCurve([0.0, 1.0], [1.0, 1.0])
+    cache = MagCache(HUGE, flat, max_skips=1, retention=0.2)
+    net = _identity_net()
+    cache.start(last_level=levels[-1], levels=levels)
+    computed = []
+    for u in levels:
+        before = cache.computed
+        cache.at(u)
+        cache.step(net, torch.zeros(1, 2, 3), lambda h, blocks=None: h + 1, None)
+        computed.append(cache.computed > before)
+    assert computed == [True, True, False, True, False, True, False, True, False, True]
+    cache.start(last_level=levels[-1])  # no grid told: no retention
+    assert cache.retained_above == float("inf")

@@ -6,14 +6,24 @@ decide when (each a `StepCache`; the hook is `run_stack`, called by WanModel.for
 
   magcache  (Ma et al. 2025, "MagCache: Fast Video Generation with Magnitude-Aware Cache"): the magnitude ratio
             gamma = |r(u)| / |r(u_prev)| of consecutive residuals is nearly a function of the noise level alone, so
-            it is calibrated once (`norm_curve`); skip while the accumulated error sum_k |1 - prod_{j<=k} gamma_j|
-            stays below the threshold and at most `max_skips` steps in a row.
+            it is calibrated once (`NormCurve`); skip while the accumulated error sum_k e_k of the skipped steps
+            stays below the threshold and at most `max_skips` steps in a row. MagCache's error of reusing the
+            residual cached at level u_c at level u_k is e_k = |1 - prod_{j<=k} gamma_j| (magnitude only); when
+            the calibration measured how the residual itself changes along u (`ChangeCurve`, relative L1 change:
+            direction and magnitude), dfm uses that measured change e_k = rel_l1(r(u_k), r(u_c)) instead. On the
+            shipped WAN the residual changes several times more per step than its magnitude (its direction
+            turns), and by a different profile along u (README: the comparison with diffusers' MagCache).
+            The first `retention` of the grid's steps always compute (MagCache's retention ratio, 0.2 by default
+            in dfm/pipeline/caching.py): the high-noise steps set the video's layout, errors there do not fade.
   teacache  (Liu et al. 2025, "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model"): the relative
             L1 change of the first block's timestep-modulated input LN(h) * (1 + scale) + shift, mapped through a
             polynomial fitted on an uncached run to the relative change of the residual, accumulated until it
             reaches the threshold.
-  fbcache   (First-Block Cache, ParaAttention / diffusers): run the first block; when its residual changed by less
-            than the threshold (relative L1) since the last full step, reuse the other blocks' residual.
+  fbcache   (First-Block Cache, ParaAttention / diffusers): run the first block; reuse the other blocks' residual
+            while its residual's relative L1 change since the last full step, accumulated over the skipped steps
+            (each skipped step adds its own error, MagCache's and TeaCache's accumulation), stays below the
+            threshold. ParaAttention / diffusers compare the current step's change alone; a single skip decides
+            the same in both.
 
 Where the sampler is along its grid is told by the caller (`StepCache.at(level)`, level u = sigma / (1 + sigma),
 the flow time: 1 is noise). The first call of a generation and every call at or below the grid's last non-zero
@@ -88,9 +98,11 @@ class StepCache:
         self.threshold = float(threshold)
         self.start()
 
-    def start(self, last_level: float = 0.0) -> None:
-        """Forget everything; `last_level` is the grid's last non-zero level u (calls at or below it compute)."""
+    def start(self, last_level: float = 0.0, levels: Sequence[float] | None = None) -> None:
+        """Forget everything; `last_level` is the grid's last non-zero level u (calls at or below it compute),
+        `levels` the grid's non-zero levels, descending (None: not told)."""
         self.last_level, self.level, self.residual = float(last_level), None, None
+        self.levels = None if levels is None else [float(u) for u in levels]
         self.calls = self.computed = self.blocks_run = 0
         self.reset()
 
@@ -101,10 +113,12 @@ class StepCache:
         """The noise level u in [0, 1] of the next forward (u = sigma / (1 + sigma); 1 is noise)."""
         self.level = float(level)
 
+    force_last = True  # the last step(s) compute (False: only for measuring what that costs, benchmarks/)
+
     def forced(self, h: Tensor) -> bool:
         """Whether this call must compute: the first one, the last step(s), no level told, or a new batch shape."""
         return (self.residual is None or self.residual.shape != h.shape or self.level is None
-                or self.level <= self.last_level * (1 + 1e-6))
+                or (self.force_last and self.level <= self.last_level * (1 + 1e-6)))
 
     def compute(self, model, h: Tensor, run) -> Tensor:
         out = run(h)
@@ -134,29 +148,55 @@ class NormCurve:
         return float(np.exp(np.interp(u, self.u, self.log_norm)))
 
 
+class ChangeCurve:
+    """The calibrated relative change of the residual between two noise levels: rel_l1(r(u1), r(u2)) ~ |C(u1) -
+    C(u2)|, C the running sum of the changes measured between consecutive calls of a fine-grid run (interpolated
+    linearly in u; the triangle inequality's bound for levels several calls apart)."""
+
+    def __init__(self, levels: Sequence[float], changes: Sequence[float | None]):
+        """levels [n] of consecutive calls (descending), changes [n]: rel_l1 of call i's residual vs call i-1's
+        (changes[0], the first call's, is not used)."""
+        total = np.concatenate([[0.0], np.cumsum(np.asarray(changes[1:], dtype=np.float64))])  # [n], ascending
+        order = np.argsort(levels)
+        self.u, self.total = np.asarray(levels, dtype=np.float64)[order], total[order]
+
+    def __call__(self, u1: float, u2: float) -> float:
+        return float(abs(np.interp(u1, self.u, self.total) - np.interp(u2, self.u, self.total)))
+
+
 class MagCache(StepCache):
     name = "magcache"
 
-    def __init__(self, threshold: float, curve: NormCurve, max_skips: int = 2):
-        self.curve, self.max_skips = curve, int(max_skips)
+    def __init__(self, threshold: float, curve: NormCurve, max_skips: int = 2, change: ChangeCurve | None = None,
+                 retention: float = 0.0):
+        """retention: the fraction of the grid's first steps that always compute (MagCache's retention ratio)."""
+        self.curve, self.max_skips, self.change, self.retention = curve, int(max_skips), change, float(retention)
         super().__init__(threshold)
 
     def reset(self) -> None:
-        self.ratio, self.error, self.skips, self.prev_level = 1.0, 0.0, 0, None
+        self.ratio, self.error, self.skips, self.prev_level, self.cached_level = 1.0, 0.0, 0, None, None
+        k = int(self.retention * len(self.levels) + 0.5) if self.levels else 0  # steps 0 .. k-1 compute
+        self.retained_above = self.levels[min(k, len(self.levels) - 1)] if k > 0 else float("inf")
+
+    def forced(self, h: Tensor) -> bool:
+        return super().forced(h) or (self.level is not None and self.level > self.retained_above * (1 + 1e-6))
 
     def step(self, model, h, run, cond):
         self.calls += 1
         skip = False
         if not self.forced(h) and self.prev_level is not None:
             gamma = self.curve(self.level) / self.curve(self.prev_level)  # |r_t| / |r_{t-1}|, calibrated
-            self.ratio *= gamma
-            self.error += abs(1.0 - self.ratio)
+            self.ratio *= gamma  # |r_t| / |r_cached|
+            if self.change is None:  # MagCache's error: the magnitude's
+                self.error += abs(1.0 - self.ratio)
+            else:  # the measured change of the residual since the cached step
+                self.error += self.change(self.cached_level, self.level)
             self.skips += 1
             skip = self.error < self.threshold and self.skips <= self.max_skips
         self.prev_level = self.level
         if skip:
             return h + self.residual
-        self.ratio, self.error, self.skips = 1.0, 0.0, 0
+        self.ratio, self.error, self.skips, self.cached_level = 1.0, 0.0, 0, self.level
         return self.compute(model, h, run)
 
 
@@ -193,7 +233,7 @@ class FBCache(StepCache):
     name = "fbcache"
 
     def reset(self) -> None:
-        self.first, self.tail = None, None
+        self.first, self.tail, self.error = None, None, 0.0
 
     def step(self, model, h, run, cond):
         self.calls += 1
@@ -201,12 +241,14 @@ class FBCache(StepCache):
         h1 = run(h, blocks[:1])  # [B, L, D]: the first block
         self.blocks_run += 1
         r1 = h1 - h
-        if not self.forced(h) and self.first is not None and rel_l1(r1, self.first) < self.threshold:
-            return h1 + self.tail
+        if not self.forced(h) and self.first is not None:
+            self.error += rel_l1(r1, self.first)  # this skip's error, added to the earlier skips'
+            if self.error < self.threshold:
+                return h1 + self.tail
         out = run(h1, blocks[1:])  # the same blocks in the same order as run(h): the uncached result
         self.blocks_run += len(blocks) - 1
         self.computed += 1
-        self.residual, self.tail, self.first = out - h, out - h1, r1
+        self.residual, self.tail, self.first, self.error = out - h, out - h1, r1, 0.0
         return out
 
 

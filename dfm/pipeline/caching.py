@@ -4,7 +4,9 @@ The rules live in dfm/models/cache.py. Here: what each needs from a model, measu
 (`calibrate`) and kept as `cache.json`:
 
     magcache:  the residual magnitude |r| at each noise level u (the flow time, 1 = noise) of a fine-grid run,
-               so the ratio |r(u_i)| / |r(u_{i-1})| of any grid (any step count, any sampler) is interpolated;
+               so the ratio |r(u_i)| / |r(u_{i-1})| of any grid (any step count, any sampler) is interpolated,
+               and the relative change of the residual between its consecutive calls (`change_curve`, read from
+               the recorded runs), so the change between any two levels is too;
     teacache:  a degree-4 polynomial fitted to (relative change of the modulated input, relative change of the
                residual) over consecutive calls of runs at several step counts;
     fbcache:   nothing (its rule measures the first block's residual as it runs).
@@ -35,13 +37,15 @@ import torch
 from dfm.errors import UserError
 from dfm.io import atomic_path
 from dfm.text import UnknownWordsWarning
-from dfm.models.cache import METHODS, FBCache, MagCache, NormCurve, Recorder, StepCache, TeaCache, attach
+from dfm.models.cache import (METHODS, ChangeCurve, FBCache, MagCache, NormCurve, Recorder, StepCache, TeaCache,
+                              attach)
 
 CACHE_FILE = "cache.json"
 FORMAT = 1
 # one threshold per method (`cache_threshold=None`); chosen on the shipped models at 20 steps (README, benchmarks/cache.py)
-DEFAULT_THRESHOLDS = {"magcache": 0.3, "teacache": 0.3, "fbcache": 0.1}
-MAGCACHE_MAX_SKIPS = 2  # consecutive skipped steps at most (MagCache's K)
+DEFAULT_THRESHOLDS = {"magcache": 0.8, "teacache": 0.3, "fbcache": 0.1}
+MAGCACHE_MAX_SKIPS = 3  # consecutive skipped steps at most (MagCache's K; diffusers' default too)
+MAGCACHE_RETENTION = 0.2  # the first 20 % of the steps always compute (MagCache's retention ratio; diffusers' too)
 CALIBRATION_STEPS = (10, 20, 50)  # one uncached generation of CALIBRATION_PROMPTS per step count
 CALIBRATION_PROMPTS = ("the digit 3 moves to the right", "a red car drives along a street at night")
 TEACACHE_DEGREE = 4
@@ -237,9 +241,20 @@ def _build(pipe, name: str, threshold: float | None, clip: dict) -> StepCache:
     data = calibration_for(pipe, **clip)
     if name == "magcache":
         m = data["magcache"]
-        return MagCache(threshold, NormCurve(m["levels"], m["norms"]), MAGCACHE_MAX_SKIPS)
+        return MagCache(threshold, NormCurve(m["levels"], m["norms"]), MAGCACHE_MAX_SKIPS, change_curve(data),
+                        MAGCACHE_RETENTION)
     t = data["teacache"]
     return TeaCache(threshold, t["coefficients"], t["x_max"])
+
+
+def change_curve(data: dict) -> ChangeCurve | None:
+    """magcache's measured residual change along u: the finest calibration run's consecutive changes (None without
+    recorded runs: then magcache uses the magnitude ratio alone)."""
+    runs = [r for r in data.get("runs") or () if len(r.get("records") or ()) > 1]
+    if not runs:
+        return None
+    finest = max(runs, key=lambda r: r["steps"])["records"]
+    return ChangeCurve([r["level"] for r in finest], [r["residual_change"] or 0.0 for r in finest])
 
 
 @contextlib.contextmanager
@@ -250,7 +265,7 @@ def cached_denoiser(pipe, cache: StepCache | None, grid):
         yield pipe.denoise
         return
     u = grid.flow_times().double()  # [n + 1], the levels u = sigma / (1 + sigma)
-    cache.start(last_level=float(u[u > 0].min()))
+    cache.start(last_level=float(u[u > 0].min()), levels=u[u > 0].tolist())
 
     def denoise(x, sigma, **cond):
         s = float(torch.as_tensor(sigma).double().max())
