@@ -69,11 +69,13 @@ def test_each_token_is_modulated_by_its_own_noise_level():
     assert not torch.allclose(mods[1], mods[3])  # the levels differ in their modulation
 
 
-def test_dit_frame_training_resumes_exactly_and_keeps_the_first_frame(tmp_path):
-    args = ("conditioning.mode=frame", "conditioning.probability=0.5", "data.num_frames=3")
-    train(tiny(tmp_path, "full", "train.max_steps=4", *args, model=DIT))
-    train(tiny(tmp_path, "part", "train.max_steps=2", *args, model=DIT))
-    train(tiny(tmp_path, "part", "train.max_steps=4", *args, model=DIT), resume="latest")
+def resumes_exactly_and_keeps_the_first_frame(tmp_path, model, *args):
+    """A frame-conditioned run of 4 steps = 2 + 2 resumed (losses, weights); its image-to-video keeps frame 0 (the
+    decode of the image's latents). Returns the pipeline and that video."""
+    args = ("conditioning.mode=frame", "conditioning.probability=0.5", "data.num_frames=3") + args
+    train(tiny(tmp_path, "full", "train.max_steps=4", *args, model=model))
+    train(tiny(tmp_path, "part", "train.max_steps=2", *args, model=model))
+    train(tiny(tmp_path, "part", "train.max_steps=4", *args, model=model), resume="latest")
     assert losses(tmp_path / "full") == losses(tmp_path / "part")
     a = load_checkpoint(latest_checkpoint(tmp_path / "full" / "checkpoints"))["model"]
     b = load_checkpoint(latest_checkpoint(tmp_path / "part" / "checkpoints"))["model"]
@@ -84,6 +86,11 @@ def test_dit_frame_training_resumes_exactly_and_keeps_the_first_frame(tmp_path):
     pixels = ((image.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # the uint8 picture the pipeline reads
     want = pipe.vae.decode(pipe.vae.encode(pixels[None, :, None]))[0, :, 0]  # identity autoencoder
     torch.testing.assert_close(out.videos[0, :, 0], want, atol=1e-6, rtol=0)
+    return pipe, out.videos
+
+
+def test_dit_frame_training_resumes_exactly_and_keeps_the_first_frame(tmp_path):
+    resumes_exactly_and_keeps_the_first_frame(tmp_path, DIT)
 
 
 def test_frame_conditioning_refuses_the_hourglass_and_temporal_patches(tmp_path):
@@ -156,19 +163,6 @@ def test_frame_edm_loss_gives_clean_frames_sigma_0_and_no_weight():
 @pytest.mark.parametrize("arch", ["dit", "wan"])
 def test_edm_frame_training_resumes_exactly_and_keeps_the_first_frame(tmp_path, arch):
     model = DIT if arch == "dit" else {"arch": "wan", "size": "tiny", "overrides": {"num_layers": 1}}
-    args = ("conditioning.mode=frame", "conditioning.probability=0.5", "data.num_frames=3", "diffusion.paradigm=edm")
-    train(tiny(tmp_path, "full", "train.max_steps=4", *args, model=model))
-    train(tiny(tmp_path, "part", "train.max_steps=2", *args, model=model))
-    train(tiny(tmp_path, "part", "train.max_steps=4", *args, model=model), resume="latest")
-    assert losses(tmp_path / "full") == losses(tmp_path / "part")
-    a = load_checkpoint(latest_checkpoint(tmp_path / "full" / "checkpoints"))["model"]
-    b = load_checkpoint(latest_checkpoint(tmp_path / "part" / "checkpoints"))["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    pipe = pipeline_from_checkpoint(tmp_path / "full")
-    image = torch.rand(3, 8, 8) * 2 - 1
-    out = pipe.generate(["the digit 3 moves up"], image=image, steps=3, seeds=[1], progress=False)
-    pixels = ((image.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-    want = pipe.vae.decode(pipe.vae.encode(pixels[None, :, None]))[0, :, 0]
-    torch.testing.assert_close(out.videos[0, :, 0], want, atol=1e-6, rtol=0)
+    pipe, videos = resumes_exactly_and_keeps_the_first_frame(tmp_path, model, "diffusion.paradigm=edm")
     plain = pipe.generate(["the digit 3 moves up"], steps=3, seeds=[1], progress=False).videos  # text-to-video
-    assert torch.isfinite(plain).all() and not torch.allclose(plain, out.videos)
+    assert torch.isfinite(plain).all() and not torch.allclose(plain, videos)
