@@ -289,9 +289,12 @@ def diffusers_metadata(proj: dict) -> dict:
     return meta
 
 
-def save_lora(net: nn.Module, lora: LoRA, path: str | Path, format: str = "diffusers") -> Path:
+def save_lora(net: nn.Module, lora: LoRA, path: str | Path, format: str = "diffusers",
+              metadata: dict | None = None) -> Path:
     """Write `lora` as a .safetensors LoRA file in `format` ("diffusers" or "comfyui"; a DiT's LoRA is written in
-    the PEFT layout with dfm's layer names). Overwrites nothing: the caller checks `path`."""
+    the PEFT layout with dfm's layer names), `metadata` added to the file's. Overwrites nothing: the caller checks
+    `path`."""
+    extra = dict(metadata or {})
     if format not in FORMATS:
         raise LoRAError(f"unknown LoRA format {format!r}; use one of {', '.join(FORMATS)}")
     path = Path(path)
@@ -315,7 +318,7 @@ def save_lora(net: nn.Module, lora: LoRA, path: str | Path, format: str = "diffu
             sd[f"{name}.lora_up.weight"] = B.contiguous()
             sd[f"{name}.alpha"] = torch.tensor(float(alpha))
         metadata = {"format": "pt"}
-    save_safetensors(sd, str(path), metadata=metadata)
+    save_safetensors(sd, str(path), metadata={**extra, **metadata})
     return path
 
 
