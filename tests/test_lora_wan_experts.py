@@ -25,7 +25,7 @@ from dfm.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from dfm.diffusion.flow import TimestepSampler  # noqa: E402
 from dfm.models.lora import adapters  # noqa: E402
 from dfm.pipeline import load_pipeline  # noqa: E402
-from dfm.pipeline.lora import LoRAError  # noqa: E402
+from dfm.pipeline.lora import LoRAError, parse_lora_arg  # noqa: E402
 from dfm.training import init_from  # noqa: E402
 from dfm.video import write_video  # noqa: E402
 
@@ -105,6 +105,10 @@ def test_one_expert_lora_matches_diffusers(setup, expert, tmp_path):
     ours.unload_lora()
     ours.load_lora(out, expert=expert)  # the same, named
     torch.testing.assert_close(ours.generate(PROMPTS, **GEN).videos, tuned, atol=0, rtol=0)
+    ours.unload_lora()
+    other = "low" if expert == "high" else "high"
+    ours.load_lora(out, expert=other)  # the same file on the other expert (it fits: same shapes) is another video
+    assert (ours.generate(PROMPTS, **GEN).videos - tuned).abs().max() > 1e-3
 
     pipe = diffusers.WanPipeline.from_pretrained(str(folder), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -143,3 +147,28 @@ def test_expert_is_required_and_only_for_two_experts(setup, tmp_path, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["model"]["expert"] == "low"
     with pytest.raises(LoRAError, match="one transformer"):
         load_pipeline(one).load_lora(tmp_path / "missing.safetensors", expert="low")
+
+
+def test_lora_flag_picks_the_expert(setup, tmp_path, capsys):
+    assert parse_lora_arg("a.safetensors") == ("a.safetensors", 1.0) and parse_lora_arg("a.safetensors").expert is None
+    arg = parse_lora_arg("c:/x/a.safetensors:0.5:low")
+    assert arg == ("c:/x/a.safetensors", 0.5) and arg.expert == "low"
+    arg = parse_lora_arg("a.safetensors:high")
+    assert arg == ("a.safetensors", 1.0) and arg.expert == "high"
+    root, folder, _ = setup
+    run, _ = train(setup, "low")
+    lora = tmp_path / "low.safetensors"
+    assert cli.main(["export", str(run), str(lora), "--lora-only"]) == 0
+    video = tmp_path / "v.mp4"
+    base = ["generate", "a red car at night", "--model", str(folder), "--frames", str(FRAMES), "--height", str(SIZE),
+            "--width", str(SIZE), "--steps", "2", "--seed", "0", "--no-progress"]
+    assert cli.main([*base, "--lora", f"{lora}:0.5:low", "--out", str(video)]) == 0 and video.is_file()
+    one = tmp_path / "one"
+    shutil.copytree(folder, one, ignore=shutil.ignore_patterns("transformer_2"))
+    meta = json.loads((one / "model_index.json").read_text())
+    meta.pop("boundary_ratio"), meta.pop("transformer_2")
+    (one / "model_index.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert cli.main([*base[:3], str(one), *base[4:], "--lora", f"{lora}:low", "--out", str(tmp_path / "w.mp4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "one transformer" in err and "drop the suffix" in err, err

@@ -122,15 +122,29 @@ def scale(pipe, name: str, value: float) -> None:
     _record(pipe)
 
 
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """--lora PATH[:SCALE] -> (path, scale); the scale is the part after the last ':' when it is a number."""
+class LoraArg(tuple):
+    """(path, scale) of --lora, with `.expert` ("high", "low" or None: the file's own, else "high")."""
+
+    def __new__(cls, path: str, scale: float, expert: str | None = None):
+        self = super().__new__(cls, (path, scale))
+        self.expert = expert
+        return self
+
+
+def parse_lora_arg(text: str) -> LoraArg:
+    """--lora PATH[:SCALE][:high|:low] -> (path, scale) with .expert; the scale is the part after the last ':'
+    when it is a number; a last ':high' / ':low' picks the expert of a two-expert Wan 2.2 model."""
+    expert = None
+    head, sep, tail = text.rpartition(":")
+    if sep and tail in EXPERTS:
+        text, expert = head, tail
     path, sep, tail = text.rpartition(":")
     if sep:
         try:
-            return path, float(tail)
+            return LoraArg(path, float(tail), expert)
         except ValueError:
             pass
-    return text, 1.0
+    return LoraArg(text, 1.0, expert)
 
 
 def check_lora_files(paths) -> None:
@@ -138,6 +152,20 @@ def check_lora_files(paths) -> None:
     for path in paths:
         if Path(path).suffix != ".safetensors" or not Path(path).is_file():
             raise LoRAError(f"--lora {path}: not found or not a .safetensors file; pass a LoRA file (PATH[:SCALE])")
+
+
+def check_lora_experts(model, args) -> None:
+    """--lora PATH:low|:high only on a two-expert Wan 2.2 folder (from its model_index.json, before loading)."""
+    import json
+
+    picked = [a for a in args if getattr(a, "expert", None)]
+    try:
+        index = json.loads((Path(model) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return  # a trainer run, or not a folder: the loaded pipeline checks
+    if picked and isinstance(index, dict) and index.get("transformer_2") in (None, [None, None]):
+        raise LoRAError(f"--lora {picked[0][0]}:{picked[0].expert}: {model} has one transformer; :high / :low "
+                        f"pick an expert of a two-expert Wan 2.2 folder, drop the suffix")
 
 
 def check_lora_target(out, format: str = "diffusers", overwrite: bool = False) -> Path:
