@@ -25,7 +25,7 @@ from dfm.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from dfm.diffusion.flow import TimestepSampler  # noqa: E402
 from dfm.models.lora import adapters  # noqa: E402
 from dfm.pipeline import load_pipeline  # noqa: E402
-from dfm.pipeline.lora import LoRAError, parse_lora_arg  # noqa: E402
+from dfm.pipeline.lora import LoRAError, describe_lora, parse_lora_arg  # noqa: E402
 from dfm.training import init_from  # noqa: E402
 from dfm.video import write_video  # noqa: E402
 
@@ -92,6 +92,7 @@ def test_one_expert_lora_matches_diffusers(setup, expert, tmp_path):
     assert state["step"] == 3 and all(k.startswith("lora.layers.") for k in state["model"])
     out = tmp_path / f"{expert}.safetensors"
     assert cli.main(["export", str(run), str(out), "--lora-only"]) == 0
+    assert ("load_into_transformer_2" in describe_lora(out)) == (expert == "low")
 
     ours = load_pipeline(folder)
     plain = ours.generate(PROMPTS, **GEN).videos

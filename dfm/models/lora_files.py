@@ -33,6 +33,7 @@ from .wan import (_DFM_TO_DIFFUSERS_BLOCK, _DFM_TO_DIFFUSERS_TOP, _FUSED, _ORIGI
                   _ORIGINAL_TO_DIFFUSERS_TOP, WanModel, _rename, _swap)
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+EXPERT_KEY = "dfm_expert"  # "high" / "low": the expert of a two-expert Wan 2.2 model dfm's export trained it for
 FORMATS = ("diffusers", "comfyui")
 UNDERSTOOD = ("diffusers/PEFT (transformer.blocks.N.attn1.to_q.lora_A.weight), original Wan/ComfyUI "
               "(diffusion_model.blocks.N.self_attn.q.lora_down.weight), kohya/musubi "
@@ -341,6 +342,13 @@ def describe_lora(path: str | Path) -> str:
     width = _width(lf)
     arch = {"wan": "Wan 2.1 (WanModel / diffusers WanTransformer3DModel)", "dit": "dfm DiT", "other": "unknown"}
     add("fits", f"{arch[lf.arch]}, width {width}" + (f", {max(blocks) + 1}+ blocks" if blocks else ""))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as st:
+        expert = (st.metadata() or {}).get(EXPERT_KEY)
+    if expert in ("high", "low"):
+        add("expert", {"high": "high noise (a Wan 2.2 A14B transformer)", "low": "low noise (a Wan 2.2 A14B "
+                       "transformer_2; diffusers: load_into_transformer_2=True)"}[expert])
     return "\n".join(lines)
 
 

@@ -15,14 +15,13 @@ import torch
 from dfm.errors import first_line
 from dfm.models.lora import (LoRA, LoRAError, add_lora, adapters, backbone, fuse_lora, remove_lora, set_scale,
                              unfuse_lora)
-from dfm.models.lora_files import FORMATS, describe_lora, load_lora_file, save_lora
+from dfm.models.lora_files import EXPERT_KEY, FORMATS, describe_lora, load_lora_file, save_lora
 
 __all__ = ["FORMATS", "LoRAError", "describe_lora", "export_lora", "fuse", "load", "parse_lora_arg", "unfuse",
            "unload"]
 
 
 EXPERTS = ("high", "low")  # a two-expert Wan 2.2 folder's transformer and transformer_2
-EXPERT_KEY = "dfm_expert"  # the safetensors metadata dfm's export writes for one expert's LoRA
 
 
 def _nets(pipe) -> dict:
