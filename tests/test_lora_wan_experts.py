@@ -80,6 +80,9 @@ def test_expert_times_are_rescaled_into_the_range():
         low = init_from.ExpertTimesteps(sampler, "low", BOUNDARY).sample(4096, g)
         assert high.min() >= BOUNDARY and high.max() <= 1 and low.min() >= 0 and low.max() < BOUNDARY
         assert high.max() - high.min() > 0.1 and low.max() - low.min() > 0.7  # the ranges are used, not a point
+    ones = type("Ones", (), {"sample": lambda self, n, g=None, d=None: torch.ones(n)})()  # s = 1 exactly
+    assert init_from.ExpertTimesteps(ones, "low", BOUNDARY).sample(2).max() < BOUNDARY
+    assert init_from.ExpertTimesteps(ones, "high", BOUNDARY).sample(2).min() == 1
 
 
 @pytest.mark.parametrize("expert", ["high", "low"])
@@ -137,6 +140,7 @@ def test_expert_is_required_and_only_for_two_experts(setup, tmp_path, capsys):
         assert not (tmp_path / "x").exists()
 
     refused(folder, "two-expert Wan 2.2", "model.expert=high", "model.expert=low")
+    refused(folder, "model.expert", "high", extra=["model.expert=middle"])
     one = tmp_path / "one"
     shutil.copytree(folder, one)
     meta = json.loads((one / "model_index.json").read_text())

@@ -171,7 +171,8 @@ class ExpertTimesteps:
         s = self.sampler.sample(batch, generator, device)  # [B] in [0, 1]
         if self.expert == "high":
             return self.b + (1 - self.b) * s
-        return (self.b * s).clamp(max=torch.nextafter(torch.tensor(self.b), torch.tensor(0.0)).item())
+        below = torch.nextafter(torch.tensor(self.b, dtype=s.dtype), torch.tensor(0.0, dtype=s.dtype))
+        return torch.minimum(self.b * s, below.to(s.device))  # s = 1 (fp32 sigmoid) stays below b
 
 
 def restrict_to_expert(module, cfg) -> None:
