@@ -7,10 +7,10 @@ Its transformer config (model.arch wan, the WanConfig fields as model.overrides 
 flow settings its scheduler samples with (sampling.shift, sampler and grid; guidance 5) fill the config — each only
 where the recipe leaves the field at its default, so a recipe can still set any of them. `--dry-run` prints the
 result. A Wan 2.2 TI2V folder also sets its conditioning layout (conditioning.mode=frame). A two-expert Wan 2.2
-A14B text-to-video folder needs `model.expert=high|low` (with lora.rank): a LoRA trains one expert, as
-musubi-tuner does: `transformer` (high noise, model time t >= boundary_ratio * 1000) or `transformer_2` (below),
-and the flow times it trains on are moved into that expert's range (`ExpertTimesteps`). Other folders (A14B
-image-to-video) and folders that are neither dfm's nor Wan's get one line before any work (ConfigError, exit 2)."""
+A14B text-to-video folder needs `model.expert=high|low` (with lora.rank): a LoRA trains one expert (Wan 2.2
+LoRAs come as one file per expert): `transformer` (high noise, model time t >= boundary_ratio * 1000) or
+`transformer_2` (below), and the flow times it trains on are moved into that expert's range (`ExpertTimesteps`).
+Other folders (A14B image-to-video) and folders that are neither dfm's nor Wan's get one line before any work (ConfigError, exit 2)."""
 
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ class ExpertTimesteps:
     t = s * timestep_scale and runs the high-noise expert where t >= boundary_ratio * num_train_timesteps, so with
     b = boundary_ratio * num_train_timesteps / timestep_scale (0.875 for A14B T2V):
         high:  s' = b + (1 - b) s    in [b, 1]        low:  s' = b s    in [0, b)
-    (musubi-tuner's min/max_timestep; the sampler's shape, e.g. logit-normal, is kept inside the range)."""
+    (a rescaling, not a rejection: no draw is wasted, the sampler's shape, e.g. logit-normal, is kept inside)."""
 
     def __init__(self, sampler, expert: str, b: float):
         self.sampler, self.expert, self.b = sampler, expert, float(b)
