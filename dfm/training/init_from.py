@@ -10,7 +10,8 @@ result. A Wan 2.2 TI2V folder also sets its conditioning layout (conditioning.mo
 A14B text-to-video folder needs `model.expert=high|low` (with lora.rank): a LoRA trains one expert (Wan 2.2
 LoRAs come as one file per expert): `transformer` (high noise, model time t >= boundary_ratio * 1000) or
 `transformer_2` (below), and the flow times it trains on are moved into that expert's range (`ExpertTimesteps`).
-Other folders (A14B image-to-video) and folders that are neither dfm's nor Wan's get one line before any work (ConfigError, exit 2)."""
+Other folders (A14B image-to-video) and folders that are neither dfm's nor Wan's get one line before any work
+(ConfigError, exit 2)."""
 
 from __future__ import annotations
 
