@@ -44,6 +44,7 @@ class ModelConfig:
     size: str = "tiny"  # a name in the arch's size registry (WAN_CONFIGS / DIT_CONFIGS)
     overrides: dict = field(default_factory=dict)  # per-field changes to that size, e.g. {num_layers: 4}
     init_from: str = ""  # start from these weights: a dfm model folder, a trainer run or a diffusers Wan folder
+    expert: Literal["", "high", "low"] = ""  # a two-expert Wan 2.2 folder: the one a LoRA trains
     # in/out channels and the text width are derived (autoencoder and text encoder): see backbone_config
 
 

@@ -33,6 +33,7 @@ from .wan import (_DFM_TO_DIFFUSERS_BLOCK, _DFM_TO_DIFFUSERS_TOP, _FUSED, _ORIGI
                   _ORIGINAL_TO_DIFFUSERS_TOP, WanModel, _rename, _swap)
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+EXPERT_KEY = "dfm_expert"  # "high" / "low": the expert of a two-expert Wan 2.2 model dfm's export trained it for
 FORMATS = ("diffusers", "comfyui")
 UNDERSTOOD = ("diffusers/PEFT (transformer.blocks.N.attn1.to_q.lora_A.weight), original Wan/ComfyUI "
               "(diffusion_model.blocks.N.self_attn.q.lora_down.weight), kohya/musubi "
@@ -289,9 +290,12 @@ def diffusers_metadata(proj: dict) -> dict:
     return meta
 
 
-def save_lora(net: nn.Module, lora: LoRA, path: str | Path, format: str = "diffusers") -> Path:
+def save_lora(net: nn.Module, lora: LoRA, path: str | Path, format: str = "diffusers",
+              metadata: dict | None = None) -> Path:
     """Write `lora` as a .safetensors LoRA file in `format` ("diffusers" or "comfyui"; a DiT's LoRA is written in
-    the PEFT layout with dfm's layer names). Overwrites nothing: the caller checks `path`."""
+    the PEFT layout with dfm's layer names), `metadata` added to the file's. Overwrites nothing: the caller checks
+    `path`."""
+    extra = dict(metadata or {})
     if format not in FORMATS:
         raise LoRAError(f"unknown LoRA format {format!r}; use one of {', '.join(FORMATS)}")
     path = Path(path)
@@ -315,7 +319,7 @@ def save_lora(net: nn.Module, lora: LoRA, path: str | Path, format: str = "diffu
             sd[f"{name}.lora_up.weight"] = B.contiguous()
             sd[f"{name}.alpha"] = torch.tensor(float(alpha))
         metadata = {"format": "pt"}
-    save_safetensors(sd, str(path), metadata=metadata)
+    save_safetensors(sd, str(path), metadata={**extra, **metadata})
     return path
 
 
@@ -338,6 +342,13 @@ def describe_lora(path: str | Path) -> str:
     width = _width(lf)
     arch = {"wan": "Wan 2.1 (WanModel / diffusers WanTransformer3DModel)", "dit": "dfm DiT", "other": "unknown"}
     add("fits", f"{arch[lf.arch]}, width {width}" + (f", {max(blocks) + 1}+ blocks" if blocks else ""))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as st:
+        expert = (st.metadata() or {}).get(EXPERT_KEY)
+    if expert in ("high", "low"):
+        add("expert", {"high": "high noise (a Wan 2.2 A14B transformer)", "low": "low noise (a Wan 2.2 A14B "
+                       "transformer_2; diffusers: load_into_transformer_2=True)"}[expert])
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import torch
 from dfm.errors import first_line
 from dfm.pipeline.folders import DEFAULT_MODEL, export_checkpoint, load_pipeline
 from dfm.pipeline.info import describe
-from dfm.pipeline.lora import check_lora_files, describe_lora, parse_lora_arg
+from dfm.pipeline.lora import check_lora_experts, check_lora_files, describe_lora, parse_lora_arg
 from dfm.pipeline.pipeline import GRID_NAMES, PipelineError, check_seed
 from dfm.pipeline.wan_family import check_folder_inputs, read_image
 from dfm.video import write_contact_sheet, write_video
@@ -109,10 +109,11 @@ def cmd_generate(args) -> int:
     model = model_path(args.model)
     check_folder_inputs(model, images.get("image"), images.get("last_image"), args.guidance_2)  # before loading
     check_lora_files(p for p, _ in args.lora)
+    check_lora_experts(model, args.lora)
     pipe = load_pipeline(model, device=device, dtype=dtype, context_parallel=args.context_parallel,
                          context_parallel_mode=args.context_parallel_mode)
-    for path, scale in args.lora:  # stacked, in the order given
-        pipe.load_lora(path, scale)
+    for arg in args.lora:  # stacked, in the order given
+        pipe.load_lora(*arg, expert=arg.expert)
     if not args.threads and device == "cpu":  # a small generation: one thread (threads only add waiting)
         settings = pipe.settings(args.frames, args.height, args.width, args.steps, args.sampler, args.guidance,
                                  args.guidance_rescale, args.guidance_interval, args.grid, args.shift)
@@ -235,9 +236,10 @@ def add_commands(sub) -> None:
                    "transformer's tokens over N ranks (Ulysses or ring attention); rank 0 writes")
     p.add_argument("--context-parallel-mode", default="auto", choices=["auto", "ulysses", "ring"],
                    help="how self-attention sees every rank's tokens (auto: Ulysses when N divides the heads)")
-    p.add_argument("--lora", action="append", default=[], type=parse_lora_arg, metavar="PATH[:SCALE]",
+    p.add_argument("--lora", action="append", default=[], type=parse_lora_arg, metavar="PATH[:SCALE][:high|:low]",
                    help="add a LoRA file (diffusers/PEFT, original Wan/ComfyUI or kohya keys) with SCALE (default 1); "
-                        "repeat to stack several")
+                        "repeat to stack several; two-expert Wan 2.2: :low puts it on transformer_2 (default: the "
+                        "file's dfm metadata, else :high, the transformer)")
     p.add_argument("--image", default=None, metavar="PATH", help="first frame (Wan I2V / FLF2V / 2.2 folders)")
     p.add_argument("--last-image", default=None, metavar="PATH", help="last frame (Wan FLF2V folders)")
     p.add_argument("--guidance-2", type=float, default=None, metavar="W",

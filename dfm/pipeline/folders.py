@@ -356,7 +356,8 @@ def pipeline_from_checkpoint(path: str | Path, ema: bool = True, device="cpu", d
                             f"checkpoints/ folder or a run directory); check the path")
     r = lora.wan_lora_recipe(path)
     if r is not None:  # a LoRA run on a diffusers Wan folder: that folder + the adapters
-        pipe = lora.wan_run(load_pipeline(r.model.init_from, device, dtype), r.lora, load_checkpoint(path), ema, path)
+        pipe = lora.wan_run(load_pipeline(r.model.init_from, device, dtype), r.lora, load_checkpoint(path), ema, path,
+                            r.model.expert)
         bad = [k for k in overrides if k not in DEFAULT_KEYS]
         if bad:
             raise PipelineError(f"unknown default {bad[0]!r}; valid: {', '.join(DEFAULT_KEYS)}")

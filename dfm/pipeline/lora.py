@@ -15,72 +15,135 @@ import torch
 from dfm.errors import first_line
 from dfm.models.lora import (LoRA, LoRAError, add_lora, adapters, backbone, fuse_lora, remove_lora, set_scale,
                              unfuse_lora)
-from dfm.models.lora_files import FORMATS, describe_lora, load_lora_file, save_lora
+from dfm.models.lora_files import EXPERT_KEY, FORMATS, describe_lora, load_lora_file, save_lora
 
 __all__ = ["FORMATS", "LoRAError", "describe_lora", "export_lora", "fuse", "load", "parse_lora_arg", "unfuse",
            "unload"]
 
 
+EXPERTS = ("high", "low")  # a two-expert Wan 2.2 folder's transformer and transformer_2
+
+
+def _nets(pipe) -> dict:
+    """{expert: network} adapters go on: {"": the transformer}, or {"high": .., "low": ..} for two experts."""
+    net = pipe.transformer
+    while not hasattr(net, "experts") and isinstance(getattr(net, "net", None), torch.nn.Module):
+        net = net.net
+    experts = list(getattr(net, "experts", ()))
+    return dict(zip(EXPERTS, experts)) if len(experts) == 2 else {"": pipe.transformer}
+
+
+def file_expert(path) -> str | None:
+    """The expert a LoRA file was trained for (metadata of `dfm export --lora-only`), else None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as st:
+            value = (st.metadata() or {}).get(EXPERT_KEY)
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return value if value in EXPERTS else None
+
+
+def _target(pipe, expert: str | None, path=None):
+    """The network a LoRA goes on: the transformer, or for two experts `expert` ("high" or "low"; None: the
+    file's own expert, else "high", the transformer, as diffusers' load_lora_weights)."""
+    nets = _nets(pipe)
+    if expert is None:
+        expert = "" if "" in nets else (file_expert(path) if path is not None else None) or "high"
+    if expert and expert not in EXPERTS:
+        raise LoRAError(f"expert={expert!r}: use 'high' (transformer) or 'low' (transformer_2)")
+    if expert not in nets:
+        raise LoRAError(f"expert={expert}: this model has one transformer; expert picks one of a two-expert "
+                        f"Wan 2.2 model's, leave it unset")
+    return nets[expert]
+
+
+def _holding(pipe, name: str | None) -> list:
+    """The networks to act on: all, or the one holding adapter `name` (the first if none: it names the miss)."""
+    nets = list(_nets(pipe).values())
+    return nets if name is None else [n for n in nets if name in adapters(n)][:1] or nets[:1]
+
+
 def _record(pipe) -> None:
-    pipe.source["lora"] = [{"name": n, "scale": e["scale"], "fused": e["fused"] is not None}
-                           for n, e in adapters(pipe.transformer).items()]
+    pipe.source["lora"] = [{"name": n, "scale": e["scale"], "fused": e["fused"] is not None,
+                            **({"expert": expert} if expert else {})}
+                           for expert, net in _nets(pipe).items() for n, e in adapters(net).items()]
     if not pipe.source["lora"]:
         del pipe.source["lora"]
 
 
-def load(pipe, path, scale: float = 1.0, name: str | None = None) -> str:
-    """Add the LoRA file at `path` to the pipeline's transformer with `scale`; returns the adapter's name (the
-    file's stem, made unique)."""
+def load(pipe, path, scale: float = 1.0, name: str | None = None, expert: str | None = None) -> str:
+    """Add the LoRA file at `path` to the pipeline's transformer (two experts: see `_target`) with `scale`;
+    returns the adapter's name (the file's stem, made unique)."""
     path = Path(path)
-    lora = load_lora_file(pipe.transformer, path)
-    taken = adapters(pipe.transformer)
+    net = _target(pipe, expert, path)
+    lora = load_lora_file(net, path)
+    taken = {n for other in _nets(pipe).values() for n in adapters(other)}
     if name is None:
         name, i = path.stem, 1
         while name in taken:
             i += 1
             name = f"{path.stem}_{i}"
-    add_lora(pipe.transformer, lora.to(pipe.device), name, float(scale))
+    add_lora(net, lora.to(pipe.device), name, float(scale))
     _record(pipe)
     return name
 
 
-def add(pipe, lora: LoRA, name: str = "default", scale: float = 1.0) -> str:
-    add_lora(pipe.transformer, lora, name, scale)
+def add(pipe, lora: LoRA, name: str = "default", scale: float = 1.0, expert: str | None = None) -> str:
+    add_lora(_target(pipe, expert), lora, name, scale)
     _record(pipe)
     return name
 
 
 def unload(pipe, name: str | None = None) -> None:
     """Remove one adapter, or all: the transformer is as it was before loading (fused ones are unfused)."""
-    remove_lora(pipe.transformer, name)
+    for net in _holding(pipe, name):
+        remove_lora(net, name)
     _record(pipe)
 
 
 def fuse(pipe, name: str | None = None) -> None:
     """Merge the adapters (or one) into the transformer's weights; `unfuse` restores them exactly."""
-    fuse_lora(pipe.transformer, name)
+    for net in _holding(pipe, name):
+        fuse_lora(net, name)
     _record(pipe)
 
 
 def unfuse(pipe, name: str | None = None) -> None:
-    unfuse_lora(pipe.transformer, name)
+    for net in _holding(pipe, name):
+        unfuse_lora(net, name)
     _record(pipe)
 
 
 def scale(pipe, name: str, value: float) -> None:
-    set_scale(pipe.transformer, name, value)
+    set_scale(_holding(pipe, name)[0], name, value)
     _record(pipe)
 
 
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """--lora PATH[:SCALE] -> (path, scale); the scale is the part after the last ':' when it is a number."""
+class LoraArg(tuple):
+    """(path, scale) of --lora, with `.expert` ("high", "low" or None: the file's own, else "high")."""
+
+    def __new__(cls, path: str, scale: float, expert: str | None = None):
+        self = super().__new__(cls, (path, scale))
+        self.expert = expert
+        return self
+
+
+def parse_lora_arg(text: str) -> LoraArg:
+    """--lora PATH[:SCALE][:high|:low] -> (path, scale) with .expert; the scale is the part after the last ':'
+    when it is a number; a last ':high' / ':low' picks the expert of a two-expert Wan 2.2 model."""
+    expert = None
+    head, sep, tail = text.rpartition(":")
+    if sep and tail in EXPERTS:
+        text, expert = head, tail
     path, sep, tail = text.rpartition(":")
     if sep:
         try:
-            return path, float(tail)
+            return LoraArg(path, float(tail), expert)
         except ValueError:
             pass
-    return text, 1.0
+    return LoraArg(text, 1.0, expert)
 
 
 def check_lora_files(paths) -> None:
@@ -88,6 +151,20 @@ def check_lora_files(paths) -> None:
     for path in paths:
         if Path(path).suffix != ".safetensors" or not Path(path).is_file():
             raise LoRAError(f"--lora {path}: not found or not a .safetensors file; pass a LoRA file (PATH[:SCALE])")
+
+
+def check_lora_experts(model, args) -> None:
+    """--lora PATH:low|:high only on a two-expert Wan 2.2 folder (from its model_index.json, before loading)."""
+    import json
+
+    picked = [a for a in args if getattr(a, "expert", None)]
+    try:
+        index = json.loads((Path(model) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return  # a trainer run, or not a folder: the loaded pipeline checks
+    if picked and isinstance(index, dict) and index.get("transformer_2") in (None, [None, None]):
+        raise LoRAError(f"--lora {picked[0][0]}:{picked[0].expert}: {model} has one transformer; :high / :low "
+                        f"pick an expert of a two-expert Wan 2.2 folder, drop the suffix")
 
 
 def check_lora_target(out, format: str = "diffusers", overwrite: bool = False) -> Path:
@@ -107,13 +184,13 @@ def export_lora(pipe, out, format: str = "diffusers", overwrite: bool = False) -
     from dfm.io import atomic_path
 
     out = check_lora_target(out, format, overwrite)
-    loaded = adapters(pipe.transformer)
+    loaded = [(expert, net, e) for expert, net in _nets(pipe).items() for e in adapters(net).values()]
     if len(loaded) != 1:
         raise LoRAError(f"this model holds {len(loaded)} LoRA adapters; --lora-only exports a run trained with "
                         f"lora.rank set (exactly one adapter)")
-    (entry,) = loaded.values()
-    with atomic_path(out) as tmp:
-        save_lora(pipe.transformer, entry["lora"], tmp, format)
+    ((expert, net, entry),) = loaded
+    with atomic_path(out) as tmp:  # one expert's: its keys as any (diffusers: load_into_transformer_2 for low)
+        save_lora(net, entry["lora"], tmp, format, metadata={EXPERT_KEY: expert} if expert else None)
     return out
 
 
@@ -164,29 +241,32 @@ def wan_lora_recipe(checkpoint):
     return recipe if recipe is not None and recipe.lora.rank and diffusers_wan(recipe.model.init_from) else None
 
 
-def load_base(source, load_pipeline) -> Base:
-    """The Base of model.init_from: a diffusers Wan folder's transformer alone (its VAE and UMT5 are the run's
-    own, named by the config), else `base_of(load_pipeline(source))` (dfm.pipeline.folders.load_pipeline)."""
+def load_base(source, load_pipeline, expert: str = "") -> Base:
+    """The Base of model.init_from: a diffusers Wan folder's transformer alone (`transformer_2` for
+    expert="low"; its VAE and UMT5 are the run's own, named by the config), else
+    `base_of(load_pipeline(source))` (dfm.pipeline.folders.load_pipeline)."""
     from dfm.models import WanModel
 
     if diffusers_wan(source):
-        net = WanModel.from_pretrained(Path(source) / "transformer")
+        net = WanModel.from_pretrained(Path(source) / ("transformer_2" if expert == "low" else "transformer"))
         return Base({k: v.detach() for k, v in net.state_dict().items()}, None, None, str(source))
     return base_of(load_pipeline(source), source)
 
 
-def wan_run(pipe, cfg, ckpt: dict, ema: bool, path) -> object:
+def wan_run(pipe, cfg, ckpt: dict, ema: bool, path, expert: str = "") -> object:
     """A LoRA run on a diffusers Wan folder (load_pipeline(RUN)): `pipe` = load_pipeline(that folder), with its
-    sampling settings, plus the run's adapters (`cfg` its lora section; EMA weights unless ema=False)."""
+    sampling settings, plus the run's adapters (`cfg` its lora section; EMA weights unless ema=False) on its
+    transformer, or on the expert it trained (model.expert) of a two-expert folder."""
     state = ckpt["ema"] if ema and ckpt["ema"] is not None else ckpt["model"]
-    lora = LoRA.create(backbone(pipe.transformer), cfg.rank, cfg.alpha or None, cfg.targets, cfg.dropout,
+    net = _target(pipe, expert or None)
+    lora = LoRA.create(backbone(net), cfg.rank, cfg.alpha or None, cfg.targets, cfg.dropout,
                        init=False)
     try:
         lora.load_state_dict({k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}, strict=True)
     except RuntimeError as e:
         raise LoRAError(f"{path}: its adapters do not fit {pipe.source.get('folder')} ({first_line(e)[:200]}); "
                         f"load the run with the Wan folder it was trained on") from None
-    add(pipe, lora.eval().to(pipe.device))
+    add(pipe, lora.eval().to(pipe.device), expert=expert or None)
     pipe.source.update(checkpoint=str(path), step=int(ckpt["step"]), weights="ema" if state is ckpt["ema"] else
                        "model")
     return pipe

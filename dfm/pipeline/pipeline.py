@@ -134,11 +134,12 @@ class Pipeline:
         return self.module.net
 
     # LoRA (dfm/pipeline/lora.py): adapters stack, each with its scale; unload restores the transformer exactly
-    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
-        """Add a LoRA file (diffusers/PEFT, original Wan/ComfyUI or kohya keys) with `scale`; returns its name."""
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None, expert: str | None = None) -> str:
+        """Add a LoRA file (diffusers/PEFT, original Wan/ComfyUI or kohya keys) with `scale`; returns its name.
+        Two experts (Wan 2.2 A14B): expert="high" or "low" (default: the file's dfm metadata, else "high")."""
         from dfm.pipeline import lora
 
-        return lora.load(self, path, scale, name)
+        return lora.load(self, path, scale, name, expert)
 
     def unload_lora(self, name: str | None = None) -> None:
         from dfm.pipeline import lora

@@ -6,8 +6,12 @@ Its transformer config (model.arch wan, the WanConfig fields as model.overrides 
 (autoencoder.name = FOLDER/vae), its UMT5 encoder and tokenizer (text.encoder = FOLDER/text_encoder, frozen) and the
 flow settings its scheduler samples with (sampling.shift, sampler and grid; guidance 5) fill the config — each only
 where the recipe leaves the field at its default, so a recipe can still set any of them. `--dry-run` prints the
-result. A Wan 2.2 TI2V folder also sets its conditioning layout (conditioning.mode=frame). Other folders (two-expert
-Wan 2.2) and folders that are neither dfm's nor Wan's get one line before any work (ConfigError, exit 2)."""
+result. A Wan 2.2 TI2V folder also sets its conditioning layout (conditioning.mode=frame). A two-expert Wan 2.2
+A14B text-to-video folder needs `model.expert=high|low` (with lora.rank): a LoRA trains one expert (Wan 2.2
+LoRAs come as one file per expert): `transformer` (high noise, model time t >= boundary_ratio * 1000) or
+`transformer_2` (below), and the flow times it trains on are moved into that expert's range (`ExpertTimesteps`).
+Other folders (A14B image-to-video) and folders that are neither dfm's nor Wan's get one line before any work
+(ConfigError, exit 2)."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from dfm.pipeline.folders import wan_scheduler_settings
 from dfm.pipeline.pipeline import PipelineError
 
 SUPPORTED = ("model.init_from takes a dfm model folder, a trainer run, or a diffusers Wan 2.1 text-to-video, Wan 2.1 "
-             "I2V or Wan 2.2 TI2V folder")
+             "I2V, Wan 2.2 TI2V or Wan 2.2 A14B text-to-video folder (with model.expert=high|low)")
 DERIVED = ("in_channels", "out_channels", "text_dim")  # from the VAE and the text encoder (dfm.model)
 
 
@@ -46,18 +50,36 @@ def _is_dfm(folder: Path) -> bool:
         return find_checkpoint(folder) is not None
 
 
-def check_wan_folder(folder: Path, index: dict) -> tuple[WanConfig, str]:
-    """(the folder's transformer config, its layout: "T2V" or "TI2V"), or one line saying which Wan folders
-    model.init_from supports."""
+def two_experts(index: dict) -> bool:
+    return index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None
+
+
+def check_wan_folder(folder: Path, index: dict, expert: str = "", lora: bool = True) -> tuple[WanConfig, str]:
+    """(the config of the folder's transformer (of `expert` for two experts), its layout: "T2V", "I2V" or
+    "TI2V"), or one line saying which Wan folders model.init_from supports."""
     name = index.get("_class_name")
-    if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
-        raise ConfigError(f"model.init_from={folder} is a two-expert Wan 2.2 folder; not supported: {SUPPORTED}")
+    if two_experts(index):
+        if name != "WanPipeline" or index.get("expand_timesteps"):
+            raise ConfigError(f"model.init_from={folder} is a two-expert Wan 2.2 image-to-video folder; not "
+                              f"supported: {SUPPORTED}")
+        if expert not in ("high", "low") or not lora:
+            ratio = index.get("boundary_ratio")
+            raise ConfigError(f"model.init_from={folder} is a two-expert Wan 2.2 folder: a LoRA trains one expert; "
+                              f"set lora.rank and model.expert=high (transformer, t >= {ratio} * 1000) or "
+                              f"model.expert=low (transformer_2, below)")
+        if not isinstance(index.get("boundary_ratio"), (int, float)):
+            raise ConfigError(f"model.init_from={folder}: its model_index.json has two transformers but no "
+                              f"boundary_ratio; download the Wan 2.2 folder again")
+    elif expert:
+        raise ConfigError(f"model.expert={expert}: model.init_from={folder} has one transformer; model.expert "
+                          f"picks one of a two-expert Wan 2.2 folder's; leave it unset")
+    sub = "transformer_2" if expert == "low" else "transformer"
     if name not in ("WanPipeline", "WanImageToVideoPipeline"):
         raise ConfigError(f"model.init_from={folder} is a {name} folder; not supported: {SUPPORTED}")
     try:
-        config = WanConfig.from_dict(json.loads((folder / "transformer" / "config.json").read_text()))
+        config = WanConfig.from_dict(json.loads((folder / sub / "config.json").read_text()))
     except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"model.init_from={folder}: no readable transformer/config.json ({e}); download the Wan "
+        raise ConfigError(f"model.init_from={folder}: no readable {sub}/config.json ({e}); download the Wan "
                           f"folder again") from None
     kind = "TI2V" if index.get("expand_timesteps") else "T2V" if name == "WanPipeline" else "I2V"
     if kind == "I2V" and (config.image_dim is None or config.pos_embed_seq_len):
@@ -93,11 +115,14 @@ def resolve_init_from(cfg) -> None:
     folder = Path(cfg.model.init_from)
     index = wan_index(folder)
     if index is None:
+        if cfg.model.expert:
+            raise ConfigError(f"model.expert={cfg.model.expert}: model.init_from={folder} is not a diffusers Wan "
+                              f"folder; model.expert picks one of a two-expert Wan 2.2 folder's; leave it unset")
         if _is_dfm(folder):
             return
         raise ConfigError(f"model.init_from={folder} is neither a dfm model folder or run nor a diffusers Wan "
                           f"folder; {SUPPORTED}")
-    wan, kind = check_wan_folder(folder, index)
+    wan, kind = check_wan_folder(folder, index, cfg.model.expert, bool(cfg.lora.rank))
     layout_conditioning(cfg, folder, kind)
     m = cfg.model
     if m.arch != "wan" or cfg.diffusion.paradigm != "flow":
@@ -128,6 +153,38 @@ def resolve_init_from(cfg) -> None:
             setattr(s, key, value)
     if cfg.diffusion.flow.timestep_scale == type(cfg.diffusion.flow)().timestep_scale:
         cfg.diffusion.flow.timestep_scale = diffusion["timestep_scale"]
+
+
+# ============================================================================ one expert of a two-expert folder
+
+
+class ExpertTimesteps:
+    """A TimestepSampler whose flow times s (after its shift) are rescaled into one expert's range: the model sees
+    t = s * timestep_scale and runs the high-noise expert where t >= boundary_ratio * num_train_timesteps, so with
+    b = boundary_ratio * num_train_timesteps / timestep_scale (0.875 for A14B T2V):
+        high:  s' = b + (1 - b) s    in [b, 1]        low:  s' = b s    in [0, b)
+    (a rescaling, not a rejection: no draw is wasted, the sampler's shape, e.g. logit-normal, is kept inside)."""
+
+    def __init__(self, sampler, expert: str, b: float):
+        self.sampler, self.expert, self.b = sampler, expert, float(b)
+
+    def sample(self, batch: int, generator=None, device=None) -> torch.Tensor:
+        s = self.sampler.sample(batch, generator, device)  # [B] in [0, 1]
+        if self.expert == "high":
+            return self.b + (1 - self.b) * s
+        below = torch.nextafter(torch.tensor(self.b, dtype=s.dtype), torch.tensor(0.0, dtype=s.dtype))
+        return torch.minimum(self.b * s, below.to(s.device))  # s = 1 (fp32 sigmoid) stays below b
+
+
+def restrict_to_expert(module, cfg) -> None:
+    """model.expert set (a two-expert Wan folder): the DiffusionModule trains on that expert's flow times only."""
+    if not cfg.model.expert:
+        return
+    folder = Path(cfg.model.init_from)
+    ratio = float(wan_index(folder)["boundary_ratio"])
+    steps = wan_scheduler_settings(folder)[0]["num_train_timesteps"]
+    module.timesteps = ExpertTimesteps(module.timesteps, cfg.model.expert,
+                                       ratio * steps / cfg.diffusion.flow.timestep_scale)
 
 
 # ======================================================================= a full fine-tune's start (the trainer)

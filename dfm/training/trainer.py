@@ -181,7 +181,7 @@ class Trainer:
         if self.latents:
             check_latent_dataset(cfg, self.dataset, self.autoencoder)
         init = cfg.model.init_from  # the weights to start from (a LoRA's frozen base)
-        base = lora_runs.load_base(init, load_pipeline) if init else None
+        base = lora_runs.load_base(init, load_pipeline, cfg.model.expert) if init else None
         vocab = self.resume.vocab if self.resume else \
             init_from.run_vocab(cfg, base, lambda: vocabulary_captions(cfg, self.dataset))  # grown by word
         torch.manual_seed(D.derive_seed(t.seed, 0xC0DE))  # identical initial weights on every rank
@@ -200,6 +200,7 @@ class Trainer:
         module = DiffusionModule(net, text if self.frozen_text is None else None, cfg.diffusion, cfg.text.null,
                                  cfg.conditioning)
         new_words = init_from.init_weights(module, base, lora_runs.init_module) if base is not None else []
+        init_from.restrict_to_expert(module, cfg)  # model.expert: that expert's flow times only
         if cfg.lora.rank:  # base frozen, only the adapters (module.lora) train
             lora_runs.attach_training_lora(module, cfg.lora, compute_dtype(self.info.device, t.precision))
         if self.resume:
