@@ -18,6 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("sentencepiece")
 
 from test_wan_family_pipeline import FRAMES, NEGATIVE, SIZE, build, make_parts, noise  # noqa: E402
+from test_lora_wan_folder import write_recipe  # noqa: E402
 from test_wan_pipeline import PROMPTS  # noqa: E402
 
 from dfm import cli  # noqa: E402
@@ -27,7 +28,6 @@ from dfm.models.lora import adapters  # noqa: E402
 from dfm.pipeline import load_pipeline  # noqa: E402
 from dfm.pipeline.lora import LoRAError, describe_lora, parse_lora_arg  # noqa: E402
 from dfm.training import init_from  # noqa: E402
-from dfm.video import write_video  # noqa: E402
 
 BOUNDARY = 0.875  # the a14b_t2v folder's boundary_ratio; timestep_scale = num_train_timesteps = 1000
 GEN = dict(num_frames=FRAMES, height=SIZE, width=SIZE, steps=6, seeds=[3, 4], guidance_scale=5.0,
@@ -39,16 +39,7 @@ LORA = ["lora.rank=4", "lora.alpha=8", "train.max_steps=3", "optim.lr=3e-2", "op
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_experts")
     folder = build(make_parts(root), "a14b_t2v", "unipc")
-    clips = root / "clips"
-    clips.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i, caption in enumerate(["a cat and a dog bake a cake", "a red car drives at night"]):
-        write_video(clips / f"clip{i}", torch.rand(3, FRAMES, SIZE, SIZE, generator=g) * 2 - 1)
-        (clips / f"clip{i}.txt").write_text(caption)
-    recipe = {"data": {"dataset": "folder", "root": str(clips), "num_frames": FRAMES, "size": SIZE},
-              "train": {"batch_size": 2, "log_every": 1, "device": "cpu", "progress": False, "tensorboard": False,
-                        "threads": 1}}
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    write_recipe(root)  # test_lora_wan_folder's tiny captioned clips and model-free recipe
     return root, folder, root / "recipe.yaml"
 
 
