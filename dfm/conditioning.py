@@ -29,6 +29,7 @@ from typing import Callable, Literal
 import torch
 
 from dfm.config import ConfigError
+from dfm.diffusion.edm import LogNormalSigma
 from dfm.diffusion.flow import TimestepSampler, loss_weight
 from dfm.diffusion.noise import randn_like
 from dfm.diffusion.paths import append_dims
@@ -190,8 +191,6 @@ def frame_edm_loss(denoiser: FrameEDM, x0: Tensor, conditioned: Tensor, *, last:
     """dfm.diffusion.edm.edm_loss with the given frames clean (conditioned [B] bool): the same draws (ln sigma ~
     N(P_mean, P_std^2), then noise, per generator), x = x0 on the given frames (sigma = 0 there), weight
     lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 and the mean over the other elements."""
-    from dfm.diffusion.edm import LogNormalSigma
-
     sigma = LogNormalSigma(P_mean, P_std).sample(x0.shape[0], generator).float().to(x0.device)  # [B]
     n = randn_like(x0, generator)  # [B, C, f, h, w]
     given = given_frames(conditioned.to(x0.device), x0.shape[2], last)  # [B, f]

@@ -14,6 +14,8 @@ import torch
 from dfm.conditioning import check_conditioning, frame_mask
 from dfm.config import ConfigError
 from dfm.model import backbone_config
+from dfm.pipeline.pipeline import PipelineError
+from dfm.pipeline.wan_family import clip_features, load_image_encoder, read_image
 
 
 def conditioned_samples(seed: int, samples, probability: float) -> list[bool]:
@@ -41,9 +43,6 @@ def image_encoder(cfg, device):
     """(CLIP, processor) of conditioning.image_encoder (Wan 2.1 I2V), frozen; None without one."""
     if not cfg.conditioning.image_encoder:
         return None
-    from dfm.pipeline.pipeline import PipelineError
-    from dfm.pipeline.wan_family import load_image_encoder
-
     try:
         clip, processor = load_image_encoder(cfg.conditioning.image_encoder, device)
     except PipelineError as e:
@@ -54,8 +53,6 @@ def image_encoder(cfg, device):
 def image_context(images, video: torch.Tensor) -> torch.Tensor:
     """CLIP features [b, N, Di] of each clip's first frame (video [b, 3, F, H, W] in [-1, 1]), as the Wan I2V
     pipeline computes them for that frame given as an image (the uint8 picture, its processor)."""
-    from dfm.pipeline.wan_family import clip_features, read_image
-
     clip, processor = images
     return torch.cat([clip_features(clip, processor, [read_image(v[:, 0])]) for v in video])
 

@@ -27,6 +27,7 @@ from dfm.models import WAN_CONFIGS
 from dfm.models.wan import WanConfig
 from dfm.pipeline.folders import wan_scheduler_settings
 from dfm.pipeline.pipeline import PipelineError
+from dfm.text import WordTokenizer
 
 SUPPORTED = ("model.init_from takes a dfm model folder, a trainer run, or a diffusers Wan 2.1 text-to-video, Wan 2.1 "
              "I2V, Wan 2.2 TI2V or Wan 2.2 A14B text-to-video folder (with model.expert=high|low)")
@@ -194,8 +195,6 @@ def run_vocab(cfg, base, captions) -> list:
     """The small text encoder's vocabulary of a run starting from `base` (lora.Base or None): a fresh run's words
     (`captions()`), a LoRA's base vocabulary (its frozen encoder), or for a full fine-tune the base's words in their
     order followed by the run's new ones (a paraphrase's "seven", "upward"), so the vocabulary grows by word."""
-    from dfm.text import WordTokenizer
-
     if base is None or base.vocab is None:
         return WordTokenizer.from_captions(captions()).vocab
     if cfg.lora.rank:
