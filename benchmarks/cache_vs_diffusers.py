@@ -46,18 +46,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import time_alternating  # noqa: E402  (benchmarks/models.py)
 
-from dfm.models.cache import FBCache  # noqa: E402
 from dfm.evaluate import analyze, default_digit_size, digit_classifier, eval_prompts, score  # noqa: E402
 from dfm.pipeline import load_pipeline  # noqa: E402
-from dfm.pipeline.caching import CALIBRATION_PROMPTS, calibration_for  # noqa: E402
+from dfm.pipeline.caching import CALIBRATION_PROMPTS, build_cache, calibration_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # thresholds that skip something at 20 steps, up to where each curve stops moving
 DFM = {"magcache": (0.1, 0.2, 0.3, 0.5, 0.8, 1.2), "teacache": (0.1, 0.2, 0.3, 0.5, 0.8),
        "fbcache": (0.1, 0.15, 0.2, 0.3, 0.45, 0.6, 0.9)}
-HF = {"MagCache": (0.02, 0.06, 0.12, 0.24, 0.5), "FirstBlockCache": (0.1, 0.15, 0.2, 0.3, 0.5)}
+HF = {"MagCache": (0.02, 0.06, 0.12, 0.24, 0.5), "FirstBlockCache": (0.1, 0.15, 0.2, 0.3, 0.5),
+      "TaylorSeer": (2, 3, 4, 5)}  # TaylorSeer: its cache_interval (a full step every N steps)
 FREE_LAST = (0.2, 0.3, 0.45)
-PEER = {"MagCache": "magcache", "FirstBlockCache": "fbcache"}
+REUSE = {"magcache": (0.2, 0.5, 0.8), "fbcache": (0.1, 0.2, 0.45)}  # dfm's rules without the forecast
+PEER = {"MagCache": "magcache", "FirstBlockCache": "fbcache", "TaylorSeer": None}
 
 
 class DiffusersWan(torch.nn.Module):
@@ -122,18 +123,23 @@ def diffusers_mag_ratios(pipe, wrapped, steps: int) -> list[float]:
 
 
 def configs(args, mag_ratios):
-    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
     out = {"dfm none": ("dfm", None, None), "diffusers none": ("diffusers", None, None)}
     for m, ts in DFM.items():
         out.update({f"dfm {m} {t:g}": ("dfm", m, t) for t in ts})
     for t in FREE_LAST:  # dfm's rule without its forced last step: what that step costs at equal compute
         out[f"dfm fbcache-free-last {t:g}"] = ("dfm", "fbcache-free-last", t)
+    for m, ts in REUSE.items():  # dfm's rule reusing the cached residual as it is: what the forecast buys
+        out.update({f"dfm {m}-reuse {t:g}": ("dfm", f"{m}-reuse", t) for t in ts})
     for t in HF["MagCache"]:
         out[f"diffusers MagCache {t:g}"] = ("diffusers", lambda t=t: MagCacheConfig(
             threshold=t, num_inference_steps=args.steps, mag_ratios=list(mag_ratios)), t)
     for t in HF["FirstBlockCache"]:
         out[f"diffusers FirstBlockCache {t:g}"] = ("diffusers", lambda t=t: FirstBlockCacheConfig(threshold=t), t)
+    for n in HF["TaylorSeer"]:  # lite mode: the blocks skipped, proj_out forecast (first order, in fp32 on CPU)
+        out[f"diffusers TaylorSeer {n}"] = ("diffusers", lambda n=n: TaylorSeerCacheConfig(
+            cache_interval=n, max_order=1, taylor_factors_dtype=torch.float32, use_lite_mode=True), n)
     return out
 
 
@@ -164,9 +170,10 @@ def run_all(args) -> tuple[list[dict], float]:
             counter.reset()
             out = []
             for p, s in zip(prompts, seeds):
-                if method == "fbcache-free-last":
-                    cache = FBCache(thr)
-                    cache.force_last = False
+                if who == "dfm" and method in ("fbcache-free-last", *(f"{m}-reuse" for m in REUSE)):
+                    cache = build_cache(pipe, method.split("-")[0], thr)
+                    cache.force_last = method != "fbcache-free-last"
+                    cache.forecast = not method.endswith("-reuse")
                     g = pipe.generate([p], seeds=[s], steps=args.steps, progress=False, cache=cache)
                 elif who == "dfm":
                     g = pipe.generate([p], seeds=[s], steps=args.steps, progress=False, cache=method or "none",
@@ -242,7 +249,8 @@ def print_tables(rows: list[dict], agree: float, args) -> None:
           "difference | dfm best method PSNR dB | difference | dfm fbcache, last step not forced |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in [r for r in rows if r["who"] == "diffusers" and r["method"] != "none" and np.isfinite(r["psnr"])]:
-        same, top = curve_at(by("dfm", PEER[r["method"]]), r["compute"]), best(r["compute"])
+        peer = PEER[r["method"]]
+        same, top = None if peer is None else curve_at(by("dfm", peer), r["compute"]), best(r["compute"])
         free = curve_at(by("dfm", "fbcache-free-last"), r["compute"]) if r["method"] == "FirstBlockCache" else None
         fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         diff = lambda v: "-" if v is None else f"{v - r['psnr']:+.1f}"  # noqa: E731

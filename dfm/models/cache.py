@@ -25,6 +25,12 @@ decide when (each a `StepCache`; the hook is `run_stack`, called by WanModel.for
             threshold. ParaAttention / diffusers compare the current step's change alone; a single skip decides
             the same in both.
 
+A skipped step does not return the cached residual as it is: it forecasts it, to first order, from the last two
+computed steps (`Forecast`; the residual as a function of lambda = log sigma, extrapolated along the tangent through
+them, as TaylorSeer (Liu et al. 2025, "From Reusing to Forecasting") extrapolates features along the step index;
+lambda is the sampler-independent variable, so Heun's half steps and any grid forecast alike). With one computed
+step so far it reuses. `forecast = False` on a cache reuses as MagCache / TeaCache / First-Block Cache do.
+
 Where the sampler is along its grid is told by the caller (`StepCache.at(level)`, level u = sigma / (1 + sigma),
 the flow time: 1 is noise). The first call of a generation and every call at or below the grid's last non-zero
 level always compute, as does any call whose batch differs from the cached one (a guidance interval switching
@@ -35,6 +41,7 @@ step is exactly the uncached computation, so threshold 0 gives the uncached vide
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -86,6 +93,35 @@ def modulated_input(model: nn.Module, h: Tensor, cond) -> Tensor:
     return modulate(block.norm1(h), shift, scale)
 
 
+def log_sigma(u: float) -> float:
+    """lambda = log sigma of the level u = sigma / (1 + sigma): log(u / (1 - u)) (+inf at u = 1, pure noise)."""
+    return math.inf if u >= 1.0 else (-math.inf if u <= 0.0 else math.log(u / (1.0 - u)))
+
+
+class Forecast:
+    """The last two computed values of a tensor, f(lambda_1) and f(lambda_2) (lambda_1 the newer), and its first-
+    order forecast f(lambda) ~ f_1 + (f_1 - f_2) (lambda - lambda_1) / (lambda_1 - lambda_2): the tangent through
+    them. It reuses f_1 when there is one point, or when either point is at sigma = inf (the first call of a flow
+    grid) or the two are at one level."""
+
+    def __init__(self):
+        self.points: list[tuple[float, Tensor]] = []  # [(lambda, value)], newest last, at most two
+
+    def push(self, lam: float, value: Tensor) -> None:
+        if self.points and self.points[-1][1].shape != value.shape:
+            self.points = []  # a new batch: the older value is no history of this one
+        self.points = (self.points + [(lam, value)])[-2:]
+
+    def __call__(self, lam: float) -> Tensor:
+        (lam1, f1) = self.points[-1]
+        if len(self.points) < 2:
+            return f1
+        lam2, f2 = self.points[0]
+        if not (math.isfinite(lam) and math.isfinite(lam1) and math.isfinite(lam2)) or lam1 == lam2:
+            return f1
+        return f1 + (f1 - f2) * ((lam - lam1) / (lam1 - lam2))
+
+
 class StepCache:
     """One generation's cache (`start` resets it). Counters: `calls` (forwards), `computed` (full block-stack
     evaluations), `blocks_run` (single blocks run, fbcache's probes included)."""
@@ -104,6 +140,7 @@ class StepCache:
         self.last_level, self.level, self.residual = float(last_level), None, None
         self.levels = None if levels is None else [float(u) for u in levels]
         self.calls = self.computed = self.blocks_run = 0
+        self.memory = Forecast()  # the residual's last two computed values
         self.reset()
 
     def reset(self) -> None:
@@ -114,6 +151,15 @@ class StepCache:
         self.level = float(level)
 
     force_last = True  # the last step(s) compute (False: only for measuring what that costs, benchmarks/)
+    forecast = True  # a skipped step forecasts the residual (Forecast); False: reuses the cached one as it is
+
+    def lam(self) -> float:
+        return log_sigma(self.level) if self.level is not None else math.nan
+
+    def predicted(self, memory: "Forecast | None" = None) -> Tensor:
+        """What a skipped step adds to its input: the residual's forecast at this level (or the cached residual)."""
+        memory = self.memory if memory is None else memory
+        return memory(self.lam()) if self.forecast else memory.points[-1][1]
 
     def forced(self, h: Tensor) -> bool:
         """Whether this call must compute: the first one, the last step(s), no level told, or a new batch shape."""
@@ -123,6 +169,7 @@ class StepCache:
     def compute(self, model, h: Tensor, run) -> Tensor:
         out = run(h)
         self.residual = out - h  # [B, L, D]
+        self.memory.push(self.lam(), self.residual)
         self.computed += 1
         self.blocks_run += len(model.blocks)
         return out
@@ -195,7 +242,7 @@ class MagCache(StepCache):
             skip = self.error < self.threshold and self.skips <= self.max_skips
         self.prev_level = self.level
         if skip:
-            return h + self.residual
+            return h + self.predicted()
         self.ratio, self.error, self.skips, self.cached_level = 1.0, 0.0, 0, self.level
         return self.compute(model, h, run)
 
@@ -224,7 +271,7 @@ class TeaCache(StepCache):
             skip = self.accumulated < self.threshold
         self.prev_input = probe
         if skip:
-            return h + self.residual
+            return h + self.predicted()
         self.accumulated = 0.0
         return self.compute(model, h, run)
 
@@ -233,7 +280,7 @@ class FBCache(StepCache):
     name = "fbcache"
 
     def reset(self) -> None:
-        self.first, self.tail, self.error = None, None, 0.0
+        self.first, self.error, self.tails = None, 0.0, Forecast()  # tails: the other blocks' residual out - h1
 
     def step(self, model, h, run, cond):
         self.calls += 1
@@ -244,11 +291,12 @@ class FBCache(StepCache):
         if not self.forced(h) and self.first is not None:
             self.error += rel_l1(r1, self.first)  # this skip's error, added to the earlier skips'
             if self.error < self.threshold:
-                return h1 + self.tail
+                return h1 + self.predicted(self.tails)
         out = run(h1, blocks[1:])  # the same blocks in the same order as run(h): the uncached result
         self.blocks_run += len(blocks) - 1
         self.computed += 1
-        self.residual, self.tail, self.first, self.error = out - h, out - h1, r1, 0.0
+        self.residual, self.first, self.error = out - h, r1, 0.0
+        self.tails.push(self.lam(), out - h1)
         return out
 
 
