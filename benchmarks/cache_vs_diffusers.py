@@ -11,10 +11,15 @@ prompt per generate call. diffusers' Wan forward takes no text mask; its attenti
 pre-hook on each `attn2` hands it the mask dfm's cross-attention uses (without it the two models differ on padded
 prompts). The uncached videos agree to ~1e-6 (printed). The caches:
 
-  dfm        magcache / teacache / fbcache (`generate(cache=...)`, calibration from the user store or made now)
-  diffusers  `WanTransformer3DModel.enable_cache(MagCacheConfig | FirstBlockCacheConfig)`, defaults apart from the
-             threshold (MagCache: max_skip_steps 3, retention_ratio 0.2), MagCache's ratios from its own
-             `calibrate=True` mode on dfm's calibration prompts (20 steps, seed 0), enabled afresh for every video.
+  dfm        magcache / teacache / fbcache (`generate(cache=...)`, calibration from the user store or made now);
+             "-reuse" rows: the same rule with the cached residual reused as it is (`forecast = False`), to show
+             what the first-order forecast of a skipped step's residual buys
+  diffusers  `WanTransformer3DModel.enable_cache(MagCacheConfig | FirstBlockCacheConfig | TaylorSeerCacheConfig)`,
+             defaults apart from the threshold (MagCache: max_skip_steps 3, retention_ratio 0.2), MagCache's ratios
+             from its own `calibrate=True` mode on dfm's calibration prompts (20 steps, seed 0); TaylorSeer in its
+             lite mode (every block skipped between full steps, `proj_out`'s output forecast to first order in the
+             step index; cache_interval N = a full step every N, 3 warm-up steps, factors in fp32 on the CPU);
+             enabled afresh for every video.
 
 Compute is counted the same way on both sides, by forward hooks on every block's feed-forward (a skipped block
 never reaches it, under either side's hooks): "stack evals" = full passes of the block stack per video (the last

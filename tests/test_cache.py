@@ -11,6 +11,7 @@ blocks with forward hooks, on the shipped WAN and DiT folders and on a diffusers
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import torch
 
 from dfm import cli
 from dfm.models import DiT
-from dfm.models.cache import METHODS, ChangeCurve, FBCache, MagCache, NormCurve, Recorder
+from dfm.models.cache import (METHODS, ChangeCurve, FBCache, Forecast, MagCache, NormCurve, Recorder, TeaCache,
+                             log_sigma)
 from dfm.pipeline import load_pipeline
 from dfm.pipeline.caching import (CACHE_FILE, MAGCACHE_MAX_SKIPS, CacheError, backbone, calibrate, change_curve,
                                   default_cache, user_file)
@@ -410,3 +412,74 @@ def test_magcache_retains_the_first_steps_of_the_grid():
     assert computed == [True, True, False, True, False, True, False, True, False, True]
     cache.start(last_level=levels[-1])  # no grid told: no retention
     assert cache.retained_above == float("inf")
+
+
+def test_forecast_by_hand():
+    """Forecast: one point is reused; two extrapolate along their tangent in lambda; a point at sigma = inf (lambda
+    = inf) or a new batch shape gives no tangent."""
+    f = Forecast()
+    a, b = torch.full((1, 2, 3), 1.0), torch.full((1, 2, 3), 3.0)
+    f.push(0.0, a)
+    assert torch.equal(f(5.0), a)
+    f.push(1.0, b)  # slope 2 per unit of lambda
+    assert torch.allclose(f(2.5), torch.full((1, 2, 3), 6.0)) and torch.allclose(f(0.5), torch.full((1, 2, 3), 2.0))
+    g = Forecast()
+    g.push(math.inf, a)
+    g.push(1.0, b)
+    assert torch.equal(g(0.0), b)
+    g.push(0.0, torch.zeros(2, 2, 3))  # another batch: no history
+    assert len(g.points) == 1
+    assert log_sigma(0.5) == 0.0 and log_sigma(1.0) == math.inf and abs(log_sigma(0.8) - math.log(4.0)) < 1e-12
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_skipped_step_forecasts_a_residual_linear_in_log_sigma_exactly(method):
+    """A toy two-block stack whose residual is c0 + c1 * lambda(u) (each block half of it): every rule, at a
+    threshold that skips about every other call, returns the uncached output on each skipped call that has two
+    computed steps behind it, to rounding (the tangent through them is the function); reusing the cached residual
+    (forecast = False) misses it on the same calls."""
+    c0 = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(0))
+    c1 = 0.3
+    levels = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    state = {}
+
+    class Half(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.modulation, self.norm1 = torch.nn.Parameter(torch.zeros(1, 6, 8)), torch.nn.Identity()  # TeaCache's probe
+
+        def forward(self, h):
+            return h + 0.5 * (c0 + c1 * log_sigma(state["u"]))
+
+    net = torch.nn.Module()
+    net.blocks = torch.nn.ModuleList([Half(), Half()])
+
+    def run(h, blocks=net.blocks):
+        for blk in blocks:
+            h = blk(h)
+        return h
+
+    def make():
+        if method == "magcache":
+            return MagCache(HUGE, NormCurve([0.0, 1.0], [1.0, 1.0]), max_skips=1)
+        if method == "teacache":
+            return TeaCache(1.0, [0.0, 0.6])  # 0.6 per call whatever the input: skip, then compute
+        return FBCache(0.5)
+
+    errors = {}
+    for forecast in (True, False):
+        cache = make()
+        cache.forecast = forecast
+        cache.start(last_level=levels[-1], levels=levels)
+        h, errors[forecast] = torch.zeros(1, 4, 8), []
+        for u in levels:
+            state["u"] = u
+            cache.at(u)
+            before, memory = cache.computed, cache.tails if method == "fbcache" else cache.memory
+            two = len(memory.points) == 2
+            with torch.no_grad():
+                out = cache.step(net, h, run, torch.zeros(1, 6, 8))
+                if cache.computed == before and two:
+                    errors[forecast].append(float((out - run(h)).abs().max()))
+    assert len(errors[True]) >= 2 and len(errors[True]) == len(errors[False]), errors
+    assert max(errors[True]) < 1e-5 and min(errors[False]) > 1e-2, errors

@@ -176,7 +176,8 @@ def test_model_picker_shipped_and_folder(server, browser):
 
 def test_lora_fields_round_trip(server, browser, tmp_path):
     """A LoRA file and scale typed in the page reach the job (the command spells --lora PATH:SCALE, the settings
-    hold both); a missing file is one line on the page; the image input stays hidden for a text-to-video model."""
+    hold both); a missing file is one line on the page. The image input is offered as optional for the default (it
+    does text- and image-to-video) and hidden for a text-to-video model."""
     import torch
 
     from dfm.models.lora import LoRA
@@ -193,7 +194,13 @@ def test_lora_fields_round_trip(server, browser, tmp_path):
     url, out = server
     context = browser.new_context()
     page = open_page(context, url)
+    expect(page.locator("#image")).to_be_visible()
+    expect(page.locator("#hint_image")).to_contain_text("optional")
+    page.select_option("#model", "models/dit_edm_digits")
+    loaded(page, "models/dit_edm_digits")
     expect(page.locator("#image")).to_be_hidden()
+    page.select_option("#model", "models/wan_flow_digits")
+    loaded(page, "models/wan_flow_digits")
     page.get_by_label("LoRA file").fill(str(tmp_path / "missing.safetensors"))
     fill(page, "the digit 5 moves up", frames=5, steps=3, seed=1)
     page.get_by_role("button", name="Generate").click()

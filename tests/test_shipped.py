@@ -18,21 +18,22 @@ def test_shipped_model_scores(name):
     pipe = load_pipeline(MODELS / name)
     result = evaluate(pipe, num_videos=20, batch_size=20)
     assert result["nfe"] <= (20 if name.startswith("wan") else 35)  # the issue's NFE budgets
-    # measured on these 20 (2026-12-01): WAN 1.00 / 1.00 / 0.971, DiT 0.95 / 1.00 / 0.960. One misread video costs
+    # measured on these 20: WAN 1.00 / 1.00 / 0.975 (2026-12-02, the image-conditioned default), DiT 0.95 / 1.00 /
+    # 0.960 (2026-12-01). One misread video costs
     # 0.05; the floors allow at least two more (other CPUs round differently) and sit >= 0.02 below on consistency
     assert result["digit_accuracy"] >= 0.85, result["digit_accuracy"]
     assert result["direction_accuracy"] >= 0.9, result["direction_accuracy"]
     assert result["temporal_consistency"] >= 0.94, result["temporal_consistency"]
 
 
-def test_shipped_image_to_video_model():
-    """models/wan_flow_i2v_digits (the WAN fine-tuned with first-frame conditioning, configs/wan_flow_i2v_digits.yaml):
-    `dfm eval --image`'s scorer on the first 20 held-out first frames, and text-to-video from a paraphrase.
-    Measured on these 20 (2026-12-02): PSNR 27.2 dB, identity 0.90, direction 1.00; held-out paraphrases digit and
+def test_shipped_default_does_image_to_video():
+    """models/wan_flow_digits (trained with first-frame conditioning on half its samples, paraphrased captions):
+    `dfm eval --image`'s scorer on the first 20 held-out first frames, and text-to-video from held-out paraphrases.
+    Measured on these 20 (2026-12-02): PSNR 27.2 dB, identity 0.90, direction 1.00; held-out paraphrases digit 0.95,
     direction 1.00. The floors allow at least three more misread videos."""
     from dfm.evaluate_image import evaluate_image, heldout_prompts
 
-    pipe = load_pipeline(MODELS / "wan_flow_i2v_digits")
+    pipe = load_pipeline(MODELS / "wan_flow_digits")
     got = evaluate_image(pipe, num=20, batch_size=20)
     assert got["nfe"] <= 20 and got["first_frame_psnr"] >= 25, got["first_frame_psnr"]
     assert got["identity"] >= 0.75 and got["direction_accuracy"] >= 0.9, (got["identity"], got["direction_accuracy"])
@@ -76,10 +77,11 @@ def test_shipped_model_in_bf16_stays_close_to_fp32(name):
     assert err.abs().max() > 0  # the bf16 weights were really used
 
 
-def test_shipped_models_give_the_videos_recorded_before_the_layering_move():
+def test_shipped_models_give_their_recorded_videos():
     """tests/data/shipped_videos.safetensors: both shipped models' videos for two prompts (seeds 0, 1) at their own
-    defaults and with a sampler of the other space (8 steps), recorded with the code before the model, the
-    trainer and the pipeline moved into their own packages. The move changed no number."""
+    defaults and with a sampler of the other space (8 steps). The DiT's were recorded with the code before the
+    model, the trainer and the pipeline moved into their own packages (the move changed no number); the WAN's
+    again when the default was replaced by the image-conditioned model (2026-12-02)."""
     from safetensors.torch import load_file
 
     reference = load_file(Path(__file__).parent / "data" / "shipped_videos.safetensors")
@@ -91,4 +93,6 @@ def test_shipped_models_give_the_videos_recorded_before_the_layering_move():
         for key, videos in got.items():
             want = reference[f"{name}/{key}"]
             assert videos.shape == want.shape and (want - want.mean()).abs().max() > 0.1  # real videos
-            assert (videos - want).abs().max() <= 1e-6, (name, key, float((videos - want).abs().max()))
+            # 5e-5: CPUs round differently (an AMD EPYC differs from the recording machine by 5.8e-6); any change of
+            # weights, sampler or grid moves these videos by more than 1e-2
+            assert (videos - want).abs().max() <= 5e-5, (name, key, float((videos - want).abs().max()))
