@@ -483,3 +483,12 @@ def test_a_skipped_step_forecasts_a_residual_linear_in_log_sigma_exactly(method)
                     errors[forecast].append(float((out - run(h)).abs().max()))
     assert len(errors[True]) >= 2 and len(errors[True]) == len(errors[False]), errors
     assert max(errors[True]) < 1e-5 and min(errors[False]) > 1e-2, errors
+
+
+def test_flow_models_forecast_and_edm_models_reuse(pipes):
+    """FORECAST: the shipped WAN's caches forecast a skipped step's residual, the shipped DiT's reuse it."""
+    from dfm.pipeline.caching import build_cache
+
+    for method in METHODS:
+        assert build_cache(pipes["wan"], method, None).forecast is True
+        assert build_cache(pipes["dit"], method, None).forecast is False

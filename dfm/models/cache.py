@@ -29,7 +29,8 @@ A skipped step does not return the cached residual as it is: it forecasts it, to
 computed steps (`Forecast`; the residual as a function of lambda = log sigma, extrapolated along the tangent through
 them, as TaylorSeer (Liu et al. 2025, "From Reusing to Forecasting") extrapolates features along the step index;
 lambda is the sampler-independent variable, so Heun's half steps and any grid forecast alike). With one computed
-step so far it reuses. `forecast = False` on a cache reuses as MagCache / TeaCache / First-Block Cache do.
+step so far it reuses. `forecast = False` on a cache reuses as MagCache / TeaCache / First-Block Cache do (what
+dfm/pipeline/caching.py sets for EDM models: `FORECAST`).
 
 Where the sampler is along its grid is told by the caller (`StepCache.at(level)`, level u = sigma / (1 + sigma),
 the flow time: 1 is noise). The first call of a generation and every call at or below the grid's last non-zero
