@@ -41,7 +41,9 @@ def attention_calls(run) -> dict:
 def assert_same_run(run, ref, rtol=1e-5):
     torch.testing.assert_close(torch.tensor(losses(run)), torch.tensor(losses(ref)), rtol=rtol, atol=0)
     torch.testing.assert_close(torch.tensor(grad_norms(run)), torch.tensor(grad_norms(ref)), rtol=rtol, atol=0)
-    assert_same_weights(run, ref, atol=1e-5)
+    # 3e-5: AdamW divides near-zero gradients by their own size, so the split's rounding reaches the weights (an AMD
+    # EPYC: 1.2e-5 on a text-encoder bias of 0.003; losses and gradient norms above agree to 1e-5)
+    assert_same_weights(run, ref, atol=3e-5)
 
 
 def test_wan_ddp_ulysses_padded_equals_one_process(launched, tmp_path):

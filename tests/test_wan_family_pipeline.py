@@ -144,10 +144,10 @@ def test_matches_diffusers(parts, case, kind):
     assert out.videos.shape == expected.shape == (2, 3, FRAMES, SIZE, SIZE)
     assert out.nfe == steps  # cond + uncond batched per expert: one evaluation per step
     assert expected.std() > 1e-3
-    # measured max |diff|: 1.5e-6 .. 7.6e-6 for every case but TI2V text-to-video under Euler, 2.8e-5: its
-    # latents are larger (|z| up to 5.5), one forward agrees to 1.5e-6 and guidance 5 over 6 steps amplifies it
-    torch.testing.assert_close(out.videos, expected, atol=3e-5 if (case, kind) == ("ti2v", "euler") else 1e-5,
-                               rtol=0)
+    # measured max |diff|: 1.5e-6 .. 7.6e-6 for every case but TI2V text-to-video, 2.8e-5 under Euler (1.4e-5 under
+    # UniPC on an AMD EPYC): its latents are larger (|z| up to 5.5), one forward agrees to 1.5e-6 and guidance 5
+    # over 6 steps amplifies it
+    torch.testing.assert_close(out.videos, expected, atol=3e-5 if case == "ti2v" else 1e-5, rtol=0)
 
 
 def test_experts_switch_by_noise_level_whichever_sampler_runs(parts):
