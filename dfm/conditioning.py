@@ -61,8 +61,8 @@ def check_conditioning(c: ConditioningConfig, arch: str, paradigm: str, patch_si
         if tuple(patch_size)[0] != 1:
             raise ConfigError(f"conditioning.mode=frame gives whole latent frames: model.overrides.patch_size must "
                               f"be [1, ph, pw] (got {list(patch_size)})")
-    if c.last and c.mode != "frame":
-        raise ConfigError("conditioning.last=true applies to conditioning.mode=frame")
+    if c.last and c.mode == "none":
+        raise ConfigError("conditioning.last=true gives the last frame too: set conditioning.mode=frame or concat")
     if c.image_encoder and (c.mode != "concat" or arch != "wan" or c.probability != 1):
         raise ConfigError("conditioning.image_encoder (CLIP image context, Wan 2.1 I2V) needs "
                           "conditioning.mode=concat, conditioning.probability=1 and model.arch=wan")

@@ -149,8 +149,8 @@ def test_conditioned_training_resumes_exactly(tmp_path, mode):
 
 
 def test_unsupported_combinations_are_one_line_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="conditioning.last=true applies to conditioning.mode=frame"):
-        Trainer(tiny(tmp_path, "a", "conditioning.mode=concat", "conditioning.last=true"))
+    with pytest.raises(ConfigError, match="conditioning.last=true gives the last frame too: set conditioning.mode"):
+        Trainer(tiny(tmp_path, "a", "conditioning.mode=none", "conditioning.last=true"))
     with pytest.raises(ConfigError, match=r"conditioning.probability must be in \[0, 1\]"):
         Trainer(tiny(tmp_path, "b", "conditioning.mode=frame", "conditioning.probability=2"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -352,6 +352,53 @@ def test_a_concat_run_validates_text_to_video(tmp_path):
     seeds = [validation_seed(cfg.train.seed, 0)]
     theirs = pipe.generate(["the digit 1 moves up"], seeds=seeds, steps=2, progress=False).videos
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_a_frame_run_validates_text_and_image_to_video(tmp_path):
+    """A conditioned run's validation also makes image-to-video videos: the first frames of the training items the
+    default prompts come from, the same noise; they are what the checkpoint's pipeline gives for that image."""
+    cfg = tiny(tmp_path, "run", "train.max_steps=2", "conditioning.mode=frame", "train.validate_every=2",
+               "sampling.steps=2", "data.num_frames=3")
+    trainer = Trainer(cfg)
+    trainer.run()
+    folder = tmp_path / "run" / "samples" / "step_00000002"
+    prompts = (folder / "prompts.txt").read_text().splitlines()
+    names = {p.name for p in folder.iterdir()}
+    assert {"00.mp4", "contact_sheet.png", "i2v_00.mp4", "i2v_contact_sheet.png"} <= names, names
+    assert len([n for n in names if n.startswith("i2v_") and n.endswith(".mp4")]) == len(prompts) == 4
+    first = trainer.dataset[1]["video"][:, 0]  # [3, H, W]: item 1's first frame, prompt 1's image
+    assert torch.equal(trainer.val_frames[0][1], first) and trainer.val_frames[1] is None
+    pipe = pipeline_from_checkpoint(tmp_path / "run")
+    theirs = pipe.generate([prompts[1]], image=first, seeds=[validation_seed(cfg.train.seed, 1)], steps=2,
+                           progress=False).videos
+    with trainer.ema.swapped():
+        ours = trainer.validation_videos(prompts, frames=trainer.val_frames)
+    torch.testing.assert_close(ours[1:2], theirs, atol=1e-5, rtol=0)
+    plain = trainer.validation_videos(prompts)
+    assert (ours - plain).abs().max() > 1e-3  # the image changed the video
+
+
+def test_val_images_are_checked_before_the_run(tmp_path, capsys):
+    from dfm import cli
+
+    picture = tmp_path / "seven.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(picture)
+    cfg = tiny(tmp_path, "ok", "train.max_steps=1", "conditioning.mode=frame", "train.validate_every=1",
+               "sampling.steps=2", "data.num_frames=3", f"train.val_images=[{picture}]",
+               "train.val_prompts=[the digit 7 moves up]")
+    train(cfg)
+    assert (tmp_path / "ok" / "samples" / "step_00000001" / "i2v_00.mp4").is_file()
+    base = ["train", "--config", str(tmp_path / "ok" / "config.yaml"), f"train.output_dir={tmp_path / 'bad'}"]
+    for extra, words in ((["train.val_images=[nowhere.png]"], "cannot read train.val_images nowhere.png"),
+                         (["conditioning.mode=none", f"train.val_images=[{picture}]"], "remove train.val_images"),
+                         ([f"train.val_images=[{picture},{picture}]"], "2 images for 1 validation prompts")):
+        capsys.readouterr()
+        assert cli.main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+        assert not (tmp_path / "bad").exists()
 
 
 def test_info_shows_the_conditioning(frame_run, tmp_path, capsys):

@@ -180,7 +180,29 @@ def i2v(ti2v):
     return {**ti2v, "folder": build(ti2v["parts"], "i2v", "unipc")}
 
 
-def test_i2v_training_inputs_are_what_diffusers_feeds_its_transformer(i2v, tmp_path):
+@pytest.fixture(scope="module")
+def flf2v(ti2v):
+    """A tiny Wan 2.1 FLF2V folder (the I2V layout with the CLIP position table: first and last frames)."""
+    return {**ti2v, "folder": build(ti2v["parts"], "flf2v", "unipc")}
+
+
+def last_frame(case, caption: str) -> Image.Image:
+    return Image.open(case["clips"] / f"clip{CAPTIONS.index(caption)}" / f"{FRAMES - 1:05d}.png").convert("RGB")
+
+
+@pytest.fixture(params=["i2v", "flf2v"])
+def i2v_or_flf2v(request, i2v, flf2v):
+    """The Wan 2.1 I2V folder, or the FLF2V one with the last frame given too."""
+    return {**(i2v if request.param == "i2v" else flf2v), "last": request.param == "flf2v"}
+
+
+def images(case, caption: str) -> dict:
+    """The image arguments of both sides' pipelines for a clip: its first frame (and last, FLF2V)."""
+    return {"image": first_frame(case, caption), **({"last_image": last_frame(case, caption)} if case["last"] else {})}
+
+
+def test_i2v_training_inputs_are_what_diffusers_feeds_its_transformer(i2v_or_flf2v, tmp_path):
+    i2v = i2v_or_flf2v
     pipe = diffusers.WanImageToVideoPipeline.from_pretrained(str(i2v["folder"]), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler.set_timesteps(2)
@@ -189,7 +211,7 @@ def test_i2v_training_inputs_are_what_diffusers_feeds_its_transformer(i2v, tmp_p
     cfg = config(i2v, tmp_path / "run", "text.dropout=0", "train.batch_size=1")
     trainer = Trainer(cfg)
     c = cfg.conditioning
-    assert (c.mode, c.probability, c.image_encoder) == ("concat", 1.0, str(i2v["folder"]))  # the folder's layout
+    assert (c.mode, c.probability, c.image_encoder, c.last) == ("concat", 1.0, str(i2v["folder"]), i2v["last"])
     trainer.module.timesteps.sample = lambda n, generator=None, device=None: torch.full((n,), t0 / 1000, device=device)
     ours, handle = recorded(trainer.module.net)
     batch = next(iter(trainer.loader()))
@@ -198,52 +220,58 @@ def test_i2v_training_inputs_are_what_diffusers_feeds_its_transformer(i2v, tmp_p
     caption = batch["caption"][0]
 
     theirs, handle = recorded(pipe.transformer)
-    pipe(prompt=caption, image=first_frame(i2v, caption), height=SIZE, width=SIZE, num_frames=FRAMES,
+    pipe(prompt=caption, **images(i2v, caption), height=SIZE, width=SIZE, num_frames=FRAMES,
          num_inference_steps=2, guidance_scale=1.0, latents=ours["x"][:, :16].clone(), output_type="latent")
     handle.remove()
 
-    x, h = ours["x"], theirs["hidden_states"]  # [1, 16 + 4 + 16, 2, 4, 4]: x_s, mask, E(frame 0, zeros...)
+    x, h = ours["x"], theirs["hidden_states"]  # [1, 16 + 4 + 16, 2, 4, 4]: x_s, mask, E(frame 0, zeros... (, last))
     assert x.shape == h.shape == (1, 36, 2, 4, 4) and h[:, 20:].abs().max() > 0.1
+    assert bool(h[:, 16:20, -1].amax() == 1) == i2v["last"]  # the mask marks the last frame given (FLF2V)
     torch.testing.assert_close(x, h, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours["t"].float().reshape(-1), theirs["timestep"].float().reshape(-1), atol=1e-3,
                                rtol=0)
-    img, their_img = ours["image_context"], theirs["encoder_hidden_states_image"]  # [1, 17, 20] CLIP features
-    assert img.shape == their_img.shape and img.abs().max() > 0.1
+    img, their_img = ours["image_context"], theirs["encoder_hidden_states_image"]  # [1, 17 (FLF2V 34), 20] CLIP
+    their_img = their_img.reshape(1, -1, their_img.shape[-1])  # FLF2V [2, 17, 20]: the image embedder's own view
+    assert img.shape == their_img.shape == (1, 34 if i2v["last"] else 17, 20) and img.abs().max() > 0.1
     torch.testing.assert_close(img, their_img, atol=1e-5, rtol=0)
     assert ours.get("context_mask") is None
     torch.testing.assert_close(ours["context"], theirs["encoder_hidden_states"], atol=1e-6, rtol=0)
 
 
-def test_i2v_lora_run_exports_a_lora_diffusers_loads(i2v, tmp_path):
+def test_i2v_lora_run_exports_a_lora_diffusers_loads(i2v_or_flf2v, tmp_path):
+    i2v = i2v_or_flf2v
     assert cli.main(["train", "--config", str(i2v["recipe"]), f"model.init_from={i2v['folder']}",
                      f"train.output_dir={tmp_path / 'run'}", *LORA]) == 0
     out = tmp_path / "i2v_lora.safetensors"
     assert cli.main(["export", str(tmp_path / "run"), str(out), "--lora-only"]) == 0
 
-    image = first_frame(i2v, CAPTIONS[0])
+    image = images(i2v, CAPTIONS[0])
     ours = load_pipeline(i2v["folder"])
-    plain = ours.generate(CAPTIONS, image=image, negative_prompt=NEGATIVE, **GEN).videos
+    plain = ours.generate(CAPTIONS, **image, negative_prompt=NEGATIVE, **GEN).videos
     ours.load_lora(out)
-    tuned = ours.generate(CAPTIONS, image=image, negative_prompt=NEGATIVE, **GEN).videos
+    tuned = ours.generate(CAPTIONS, **image, negative_prompt=NEGATIVE, **GEN).videos
     assert (tuned - plain).abs().max() > 1e-3
 
     pipe = diffusers.WanImageToVideoPipeline.from_pretrained(str(i2v["folder"]), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(out.parent), weight_name=out.name, adapter_name="run")
-    frames = pipe(prompt=CAPTIONS, negative_prompt=NEGATIVE, image=image, height=SIZE, width=SIZE,
+    frames = pipe(prompt=CAPTIONS, negative_prompt=NEGATIVE, **image, height=SIZE, width=SIZE,
                   num_frames=FRAMES, num_inference_steps=GEN["steps"], guidance_scale=GEN["guidance_scale"],
                   latents=noise(GEN["seeds"]), output_type="pt").frames
     torch.testing.assert_close(tuned, frames.permute(0, 2, 1, 3, 4) * 2 - 1, atol=1e-5, rtol=0)
     from_run = load_pipeline(tmp_path / "run")
-    torch.testing.assert_close(from_run.generate(CAPTIONS, image=image, negative_prompt=NEGATIVE, **GEN).videos,
+    torch.testing.assert_close(from_run.generate(CAPTIONS, **image, negative_prompt=NEGATIVE, **GEN).videos,
                                tuned, atol=1e-6, rtol=0)
 
 
 def test_i2v_full_fine_tune_trains_and_its_run_takes_an_image(i2v, tmp_path, capsys):
-    trainer = Trainer(config(i2v, tmp_path / "full", "train.max_steps=2"))
+    trainer = Trainer(config(i2v, tmp_path / "full", "train.max_steps=2", "train.validate_every=2",
+                             "sampling.steps=2"))
     folder = WanModel.from_pretrained(i2v["folder"] / "transformer").state_dict()
     assert all(torch.equal(trainer.module.net.state_dict()[k], folder[k]) for k in folder)
     assert trainer.run()["step"] == 2
+    samples = {p.name for p in (tmp_path / "full" / "samples" / "step_00000002").iterdir()}
+    assert "i2v_00.mp4" in samples and "i2v_contact_sheet.png" in samples and "00.mp4" not in samples, samples
     pipe = load_pipeline(tmp_path / "full")
     out = pipe.generate(CAPTIONS[:1], image=first_frame(i2v, CAPTIONS[0]), steps=2, seeds=[0], num_frames=FRAMES,
                         height=SIZE, width=SIZE, progress=False)
@@ -254,29 +282,32 @@ def test_i2v_full_fine_tune_trains_and_its_run_takes_an_image(i2v, tmp_path, cap
             f"train.output_dir={tmp_path / 'x'}", "--dry-run"]
     capsys.readouterr()
     for bad, words in (("conditioning.mode=frame", "conditioning.mode=concat"),
-                       ("conditioning.probability=0.3", "probability 1"),
-                       ("train.validate_every=2", "dfm generate --image")):  # (the trainer's check: a real run)
-        assert cli.main([*(args if "validate" not in bad else args[:-1]), bad]) == 2
+                       ("conditioning.probability=0.3", "probability 1")):
+        assert cli.main([*args, bad]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "I2V" in err and words in err, err
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("layout", ["ti2v", "i2v"])
-def test_a_full_run_samples_as_its_folder(ti2v, i2v, tmp_path, layout):
+@pytest.mark.parametrize("layout", ["ti2v", "i2v", "flf2v"])
+def test_a_full_run_samples_as_its_folder(ti2v, i2v, flf2v, tmp_path, layout):
     """At lr 0 a full fine-tune's weights are the folder's, and load_pipeline(RUN) samples as the folder does (its
     scheduler's integer timesteps and UniPC options): the folder's (diffusers-exact) image-to-video video; so does
     the dfm folder `dfm export RUN OUT` writes."""
-    case = ti2v if layout == "ti2v" else i2v
+    case = {"ti2v": ti2v, "i2v": i2v, "flf2v": flf2v}[layout]
+    case = {**case, "last": layout == "flf2v"}
     assert cli.main(["train", "--config", str(case["recipe"]), f"model.init_from={case['folder']}",
                      f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "optim.lr=0",
                      "optim.ema_decay=0"]) == 0
-    image = first_frame(case, CAPTIONS[0])
-    want = load_pipeline(case["folder"]).generate(CAPTIONS, image=image, negative_prompt=NEGATIVE, **GEN).videos
-    got = load_pipeline(tmp_path / "run").generate(CAPTIONS, image=image, negative_prompt=NEGATIVE, **GEN).videos
+    image = images(case, CAPTIONS[0])
+    want = load_pipeline(case["folder"]).generate(CAPTIONS, **image, negative_prompt=NEGATIVE, **GEN).videos
+    got = load_pipeline(tmp_path / "run").generate(CAPTIONS, **image, negative_prompt=NEGATIVE, **GEN).videos
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # measured 1.8e-6 (TI2V)
+    if case["last"]:
+        with pytest.raises(PipelineError, match="FLF2V fine-tune: it needs last_image too"):
+            load_pipeline(tmp_path / "run").generate(CAPTIONS, image=image["image"], **GEN)
     assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "model")]) == 0
     exported = load_pipeline(tmp_path / "model")  # a dfm folder: integer timesteps kept in its "diffusion" entry
     assert exported.diffusion.get("integer_timesteps") is True
-    torch.testing.assert_close(exported.generate(CAPTIONS, image=image, negative_prompt=NEGATIVE, **GEN).videos, want,
+    torch.testing.assert_close(exported.generate(CAPTIONS, **image, negative_prompt=NEGATIVE, **GEN).videos, want,
                                atol=1e-5, rtol=0)

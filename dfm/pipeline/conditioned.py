@@ -33,6 +33,9 @@ class DfmConditioner:
     def check(self, image, last_image, guidance_scale_2) -> None:
         if self.c.image_encoder and image is None:
             raise PipelineError("this model is a Wan 2.1 I2V fine-tune: it needs an image (image=..., --image PATH)")
+        if self.c.image_encoder and self.c.last and last_image is None:
+            raise PipelineError("this model is a Wan 2.1 FLF2V fine-tune: it needs last_image too (last_image=..., "
+                                "--last-image PATH)")
         if guidance_scale_2 is not None:
             raise PipelineError("guidance_scale_2 is a two-expert (Wan 2.2 A14B) setting; use guidance_scale")
         if last_image is not None and not self.c.last:
@@ -52,13 +55,15 @@ class DfmConditioner:
                 return {"condition": torch.zeros(n, tf + shape[1], *shape[2:], device=device)}, lambda z: z
             return {}, lambda z: z
         firsts = self._frames(image, n, "image", height, width)  # [n, 3, 1, H, W]
-        if self.c.mode == "concat":
-            video = torch.cat([firsts, firsts.new_zeros(n, 3, num_frames - 1, height, width)], dim=2)
+        if self.c.mode == "concat":  # [first, zeros... (, last)]
+            lasts = [] if last_image is None else [self._frames(last_image, n, "last_image", height, width)]
+            video = torch.cat([firsts, firsts.new_zeros(n, 3, num_frames - 1 - len(lasts), height, width), *lasts],
+                              dim=2)
             y = self._encode(video)  # [n, C, f, h, w]
-            mask = frame_mask(num_frames, y.shape, getattr(self.vae, "temporal_factor", 1)).to(y)
+            mask = frame_mask(num_frames, y.shape, getattr(self.vae, "temporal_factor", 1), bool(lasts)).to(y)
             cond = {"condition": torch.cat([mask.expand(n, -1, -1, -1, -1), y], dim=1).to(device)}
-            if self.c.image_encoder:  # CLIP features of each video's image [n, N, Di], as WanConditioner
-                cond["image_context"] = self._image_context(image, n).to(device)
+            if self.c.image_encoder:  # CLIP features of each video's image(s) [n, N, Di], as WanConditioner
+                cond["image_context"] = self._image_context(image, last_image, n).to(device)
             return cond, lambda z: z
         first = self._encode(firsts).to(device)  # [n, C, 1, h, w]
         cond = {"first_latent": first}
@@ -71,13 +76,17 @@ class DfmConditioner:
 
         return cond, finish
 
-    def _image_context(self, image, n: int) -> torch.Tensor:
+    def _image_context(self, image, last_image, n: int) -> torch.Tensor:
         if self._clip is None:
             device = next(iter(self.vae.state_dict().values()), torch.empty(0)).device
             self._clip = load_image_encoder(self.c.image_encoder, device)
-        images = [read_image(im) for im in (list(image) if isinstance(image, (list, tuple)) else [image])]
-        feats = torch.cat([clip_features(*self._clip, [im]) for im in images])  # [k, N, Di]
-        return feats.expand(n, -1, -1) if len(images) == 1 else feats
+        firsts = [read_image(im) for im in (list(image) if isinstance(image, (list, tuple)) else [image])]
+        lasts = [] if last_image is None else [read_image(im, "last_image") for im in (
+            list(last_image) if isinstance(last_image, (list, tuple)) else [last_image])]
+        k = max(len(firsts), len(lasts))
+        feats = torch.cat([clip_features(*self._clip, [firsts[i % len(firsts)], *([lasts[i % len(lasts)]] if lasts
+                                                                                   else [])]) for i in range(k)])
+        return feats.expand(n, -1, -1) if k == 1 else feats  # [n, N, Di]
 
     def _frames(self, image, n: int, what: str, height: int, width: int) -> torch.Tensor:
         images = list(image) if isinstance(image, (list, tuple)) else [image]

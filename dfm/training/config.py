@@ -70,6 +70,9 @@ class RunConfig:
     keep_checkpoints: int = 3  # 0 keeps all
     validate_every: int = 0  # 0 = never; the videos are sampled as the `sampling` section says
     val_prompts: list[str] = field(default_factory=list)  # empty: the captions of the first 4 training items
+    # conditioned runs also validate image-to-video; the given first frames: image paths (one per prompt or one for
+    # all), empty: the first frames of the training items the default prompts come from
+    val_images: list[str] = field(default_factory=list)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
     compile: bool = False
     activation_checkpointing: bool = False

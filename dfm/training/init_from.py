@@ -30,7 +30,7 @@ from dfm.pipeline.pipeline import PipelineError
 from dfm.text import WordTokenizer
 
 SUPPORTED = ("model.init_from takes a dfm model folder, a trainer run, or a diffusers Wan 2.1 text-to-video, Wan 2.1 "
-             "I2V, Wan 2.2 TI2V or Wan 2.2 A14B text-to-video folder (with model.expert=high|low)")
+             "I2V, Wan 2.1 FLF2V, Wan 2.2 TI2V or Wan 2.2 A14B text-to-video folder (with model.expert=high|low)")
 DERIVED = ("in_channels", "out_channels", "text_dim")  # from the VAE and the text encoder (dfm.model)
 
 
@@ -83,10 +83,12 @@ def check_wan_folder(folder: Path, index: dict, expert: str = "", lora: bool = T
         raise ConfigError(f"model.init_from={folder}: no readable {sub}/config.json ({e}); download the Wan "
                           f"folder again") from None
     kind = "TI2V" if index.get("expand_timesteps") else "T2V" if name == "WanPipeline" else "I2V"
-    if kind == "I2V" and (config.image_dim is None or config.pos_embed_seq_len):
-        what = "a first-last-frame (FLF2V) model" if config.image_dim else "an image-to-video transformer without CLIP"
-        raise ConfigError(f"model.init_from={folder} holds {what}; not supported: {SUPPORTED}")
-    if kind != "I2V" and config.image_dim is not None:
+    if kind == "I2V" and config.image_dim is None:
+        raise ConfigError(f"model.init_from={folder} holds an image-to-video transformer without CLIP; not "
+                          f"supported: {SUPPORTED}")
+    if kind == "I2V" and config.pos_embed_seq_len:
+        kind = "FLF2V"  # Wan 2.1 FLF2V: the I2V layout with the first and last frames (and both CLIP features)
+    if kind not in ("I2V", "FLF2V") and config.image_dim is not None:
         raise ConfigError(f"model.init_from={folder} holds an image-to-video transformer; not supported: {SUPPORTED}")
     return config, kind
 
@@ -95,7 +97,8 @@ def layout_conditioning(cfg, folder: Path, kind: str) -> None:
     """The folder's own image conditioning. TI2V (Wan 2.2 5B) gives the first latent frame clean at t = 0:
     conditioning.mode=frame (first frame only, as the folder's pipeline does). I2V (Wan 2.1) concatenates
     [mask, E(frame, zeros...)] to the 16 noisy channels and reads the frame's CLIP features: conditioning.mode=concat,
-    image_encoder=FOLDER, probability 1 (its transformer always gets an image)."""
+    image_encoder=FOLDER, probability 1 (its transformer always gets an image). FLF2V (Wan 2.1) is I2V with the last
+    frame given too: [mask, E(first, zeros..., last)] and both frames' CLIP features (conditioning.last=true)."""
     c, default = cfg.conditioning, type(cfg.conditioning)()
     if kind == "TI2V":
         if c.mode == "none":
@@ -104,11 +107,14 @@ def layout_conditioning(cfg, folder: Path, kind: str) -> None:
             raise ConfigError(f"model.init_from={folder} is a Wan 2.2 TI2V folder: it is conditioned by its first "
                               f"latent frame (conditioning.mode=frame, conditioning.last=false); leave "
                               f"conditioning.mode unset")
-    if kind == "I2V":
-        if c.mode not in ("none", "concat") or c.probability not in (default.probability, 1):
-            raise ConfigError(f"model.init_from={folder} is a Wan 2.1 I2V folder: every sample is conditioned by its "
-                              f"first frame (conditioning.mode=concat, probability 1); leave conditioning unset")
+    if kind in ("I2V", "FLF2V"):
+        frames = "first frame" if kind == "I2V" else "first and last frames (conditioning.last=true)"
+        if c.mode not in ("none", "concat") or c.probability not in (default.probability, 1) or \
+                (c.last and kind == "I2V"):
+            raise ConfigError(f"model.init_from={folder} is a Wan 2.1 {kind} folder: every sample is conditioned by "
+                              f"its {frames} (conditioning.mode=concat, probability 1); leave conditioning unset")
         c.mode, c.probability, c.image_encoder = "concat", 1.0, c.image_encoder or str(folder)
+        c.last = kind == "FLF2V"
 
 
 def resolve_init_from(cfg) -> None:

@@ -48,7 +48,8 @@ from dfm.pipeline.pipeline import SEED_LIMIT, Pipeline, PipelineError, count_tok
 from dfm.text import SmallTextEncoder, pad_context
 from dfm.conditioning import in_channels
 from dfm.training import init_from
-from dfm.training.conditioning import check_training_conditioning, image_encoder, loss_inputs
+from dfm.training.conditioning import (check_training_conditioning, image_encoder, loss_inputs,
+                                       text_to_video_validation, validation_frames)
 from dfm.training.config import TrainConfig, TrainingError, check_config, config_changes
 from dfm.training.data import (GlobalOrder, StepBatches, build_dataset, check_latent_dataset, check_stored_text,
                                collate_batch, keep_captions, vocabulary_captions)
@@ -239,12 +240,14 @@ class Trainer:
         D.seed_process(D.derive_seed(t.seed, self.start_step), self.info.rank)
         self.trainable = [p for p in module.parameters() if p.requires_grad]
         self.last_checkpoint = self.resume.path if self.resume else None
-        self.pipeline = self.validation_pipeline()
+        self.pipeline, self.val_frames = self.validation_pipeline(), None
         if t.validate_every:  # a prompt the text encoder cannot read, or a bad sampler: now, not at the first validation
             try:
                 self.pipeline.check_settings(self.val_prompts())
             except PipelineError as e:
                 raise ConfigError(f"train.val_prompts / sampling: {e}") from None
+            # a conditioned run's image-to-video validation: the given frames, read now
+            self.val_frames = validation_frames(cfg, self.dataset, self.autoencoder, len(self.val_prompts()))
         # every check has passed: only now is the run folder written (the old run moved aside, later steps too)
         self.run_id = self.resume.state.get("run") if self.resume else D.broadcast_object(uuid.uuid4().hex[:16])
         if self.info.is_main:
@@ -516,31 +519,41 @@ class Trainer:
         return pipe
 
     @torch.no_grad()
-    def validation_videos(self, prompts: list[str], steps: int | None = None) -> torch.Tensor:
+    def validation_videos(self, prompts: list[str], steps: int | None = None, frames=None) -> torch.Tensor:
         """Videos [P, 3, F, H, W] in [-1, 1] for `prompts`, with fixed noise per prompt index (seeded by
-        (train.seed, index), so every validation shows the same noise) — collective under FSDP2."""
+        (train.seed, index), so every validation shows the same noise) — collective under FSDP2. frames:
+        (first frames, last frames or None) for image-to-video."""
         seeds = [validation_seed(self.cfg.train.seed, i) for i in range(len(prompts))]
-        return self.pipeline.generate(prompts, seeds=seeds, steps=steps, progress=False).videos
+        image, last = frames if frames is not None else (None, None)
+        return self.pipeline.generate(prompts, seeds=seeds, steps=steps, progress=False, image=image,
+                                      last_image=last).videos
 
     def validate(self, step: int) -> None:
+        """samples/step_N/: 00.mp4 ... and contact_sheet.png (text-to-video); a conditioned run also i2v_00.mp4 ...
+        and i2v_contact_sheet.png (each row the given frame, then the video), from the same noise."""
         t = self.cfg.train
-        prompts = self.val_prompts()
+        prompts, made = self.val_prompts(), {}
         # FSDP2 needs every rank in each forward; with replicated weights rank 0 samples alone
         if t.parallel == "fsdp" or self.info.is_main or self.cp is not None:  # (a CP forward needs its group too)
             self.model.eval()
             with self.ema.swapped():
-                videos = self.validation_videos(prompts)
+                if text_to_video_validation(self.cfg):
+                    made[""] = self.validation_videos(prompts)
+                if self.val_frames is not None:
+                    made["i2v_"] = self.validation_videos(prompts, frames=self.val_frames)
             self.model.train()
         if self.info.is_main:
             folder = self.out / "samples" / f"step_{step:08d}"
             folder.mkdir(parents=True, exist_ok=True)
-            for i, v in enumerate(videos):
-                write_video(folder / f"{i:02d}.mp4", v, fps=self.pipeline.defaults["fps"], pad_odd=True)
-            write_contact_sheet(folder / "contact_sheet.png", videos, labels=prompts)
+            for prefix, videos in made.items():
+                for i, v in enumerate(videos):
+                    write_video(folder / f"{prefix}{i:02d}.mp4", v, fps=self.pipeline.defaults["fps"], pad_odd=True)
+                if prefix:  # each row: the given first frame, then the video
+                    videos = torch.cat([torch.stack(self.val_frames[0])[:, :, None].to(videos), videos], dim=2)
+                write_contact_sheet(folder / f"{prefix}contact_sheet.png", videos, labels=prompts)
             (folder / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
             self.log.notice(f"step {step}: validation samples in {folder}")
         D.barrier()
-
 
 def train(config: TrainConfig, resume: str | None = None) -> dict:
     """Train as configured; `resume` is None, "latest" or a checkpoint path. Returns {'step', 'loss', 'checkpoint'}.
