@@ -52,8 +52,8 @@ from dfm.pipeline import WAN_NEGATIVE_PROMPT, load_pipeline  # noqa: E402
 from dfm.pipeline.caching import calibration_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-THRESHOLDS = {"magcache": (0.3, 0.5, 0.8), "teacache": (0.1, 0.2, 0.3, 0.5), "fbcache": (0.1, 0.2, 0.3, 0.45)}
-QUICK_THRESHOLDS = {"magcache": (0.8,), "teacache": (0.3,), "fbcache": (0.1,)}
+THRESHOLDS = {"magcache": (0.3, 0.5, 0.65, 0.8), "teacache": (0.1, 0.2, 0.3, 0.5), "fbcache": (0.1, 0.2, 0.3, 0.45)}
+QUICK_THRESHOLDS = {"magcache": (0.65,), "teacache": (0.3,), "fbcache": (0.1,)}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

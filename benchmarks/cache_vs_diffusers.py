@@ -57,7 +57,7 @@ from dfm.pipeline.caching import CALIBRATION_PROMPTS, build_cache, calibration_f
 
 ROOT = Path(__file__).resolve().parents[1]
 # thresholds that skip something at 20 steps, up to where each curve stops moving
-DFM = {"magcache": (0.1, 0.2, 0.3, 0.5, 0.8, 1.2), "teacache": (0.1, 0.2, 0.3, 0.5, 0.8),
+DFM = {"magcache": (0.1, 0.2, 0.3, 0.5, 0.65, 0.8, 1.2), "teacache": (0.1, 0.2, 0.3, 0.5, 0.8),
        "fbcache": (0.1, 0.15, 0.2, 0.3, 0.45, 0.6, 0.9)}
 HF = {"MagCache": (0.02, 0.06, 0.12, 0.24, 0.5), "FirstBlockCache": (0.1, 0.15, 0.2, 0.3, 0.5),
       "TaylorSeer": (2, 3, 4, 5)}  # TaylorSeer: its cache_interval (a full step every N steps)

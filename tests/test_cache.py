@@ -492,3 +492,17 @@ def test_flow_models_forecast_and_edm_models_reuse(pipes):
     for method in METHODS:
         assert build_cache(pipes["wan"], method, None).forecast is True
         assert build_cache(pipes["dit"], method, None).forecast is False
+
+
+def test_magcache_retains_three_of_twenty_flow_steps_and_skips_at_most_four_in_a_row(pipes):
+    """Flow models: the first 3 of 20 steps always compute (retention 0.15), then at most 4 skips in a row (a huge
+    threshold); EDM models retain none. Counted on the shipped WAN's 20-step Euler grid."""
+    from dfm.pipeline.caching import build_cache
+
+    seen = []
+    cache = build_cache(pipes["wan"], "magcache", 1e9)
+    original = cache.compute
+    cache.compute = lambda model, h, run: (seen.append(cache.calls - 1), original(model, h, run))[1]
+    pipes["wan"].generate(["the digit 3 moves up"], seeds=[0], steps=20, progress=False, cache=cache)
+    assert seen == [0, 1, 2, 7, 12, 17, 19], seen  # 3 retained, 4 skipped, ..., the last step forced
+    assert build_cache(pipes["dit"], "magcache", None).retention == 0.0

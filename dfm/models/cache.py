@@ -13,7 +13,7 @@ decide when (each a `StepCache`; the hook is `run_stack`, called by WanModel.for
             direction and magnitude), dfm uses that measured change e_k = rel_l1(r(u_k), r(u_c)) instead. On the
             shipped WAN the residual changes several times more per step than its magnitude (its direction
             turns), and by a different profile along u (README: the comparison with diffusers' MagCache).
-            The first `retention` of the grid's steps always compute (MagCache's retention ratio, 0.2 by default
+            The first `retention` of the grid's steps always compute (MagCache's retention ratio; for flow models 0.15
             in dfm/pipeline/caching.py): the high-noise steps set the video's layout, errors there do not fade.
   teacache  (Liu et al. 2025, "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model"): the relative
             L1 change of the first block's timestep-modulated input LN(h) * (1 + scale) + shift, mapped through a
