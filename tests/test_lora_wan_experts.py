@@ -168,3 +168,52 @@ def test_lora_flag_picks_the_expert(setup, tmp_path, capsys):
     assert cli.main([*base[:3], str(one), *base[4:], "--lora", f"{lora}:low", "--out", str(tmp_path / "w.mp4")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "one transformer" in err and "drop the suffix" in err, err
+
+
+@pytest.fixture(scope="module")
+def i2v_setup(setup):
+    """The same clips and recipe with a tiny two-expert Wan 2.2 A14B image-to-video folder (36 channels, no CLIP,
+    boundary_ratio 0.9)."""
+    root, _, recipe = setup
+    (root / "i2v_parts").mkdir(exist_ok=True)
+    parts = make_parts(root / "i2v_parts")
+    return root, build(parts, "a14b_i2v", "unipc"), recipe
+
+
+@pytest.mark.parametrize("expert", ["high", "low"])
+def test_a14b_image_to_video_expert_lora_matches_diffusers(i2v_setup, expert, tmp_path):
+    """A LoRA on one expert of an A14B image-to-video folder trains with the folder's layout (concat [x, mask,
+    E(frame 0, zeros...)], every sample conditioned, no CLIP) on that expert's times; the exported file in
+    diffusers' WanImageToVideoPipeline gives dfm's image-to-video video to 1e-5, and so does load_pipeline(RUN)."""
+    from PIL import Image
+
+    root, folder, recipe = i2v_setup
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(recipe), f"model.init_from={folder}", f"model.expert={expert}",
+                     f"train.output_dir={run}", *LORA, "train.validate_every=3", "sampling.steps=2"]) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["conditioning"]["mode"] == "concat" and config["conditioning"]["probability"] == 1
+    assert not config["conditioning"]["image_encoder"]
+    samples = {p.name for p in (run / "samples" / "step_00000003").iterdir()}
+    assert "i2v_00.mp4" in samples and "00.mp4" not in samples, samples  # image-to-video only
+    out = tmp_path / f"{expert}.safetensors"
+    assert cli.main(["export", str(run), str(out), "--lora-only"]) == 0
+
+    image = Image.open(root / "clips" / "clip0" / "00000.png").convert("RGB")
+    gen = {**GEN, "image": image}
+    ours = load_pipeline(folder)
+    plain = ours.generate(PROMPTS, **gen).videos
+    ours.load_lora(out)
+    tuned = ours.generate(PROMPTS, **gen).videos
+    assert (tuned - plain).abs().max() > 1e-3
+
+    pipe = diffusers.WanImageToVideoPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(out.parent), weight_name=out.name, adapter_name="run",
+                           load_into_transformer_2=expert == "low")
+    frames = pipe(prompt=PROMPTS, negative_prompt=NEGATIVE, image=image, height=SIZE, width=SIZE, num_frames=FRAMES,
+                  num_inference_steps=GEN["steps"], guidance_scale=GEN["guidance_scale"],
+                  guidance_scale_2=GEN["guidance_scale_2"], latents=noise(GEN["seeds"]), output_type="pt").frames
+    torch.testing.assert_close(tuned, frames.permute(0, 2, 1, 3, 4) * 2 - 1, atol=1e-5, rtol=0)
+    from_run = load_pipeline(run)
+    torch.testing.assert_close(from_run.generate(PROMPTS, **gen).videos, tuned, atol=1e-6, rtol=0)

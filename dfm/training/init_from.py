@@ -30,7 +30,8 @@ from dfm.pipeline.pipeline import PipelineError
 from dfm.text import WordTokenizer
 
 SUPPORTED = ("model.init_from takes a dfm model folder, a trainer run, or a diffusers Wan 2.1 text-to-video, Wan 2.1 "
-             "I2V, Wan 2.1 FLF2V, Wan 2.2 TI2V or Wan 2.2 A14B text-to-video folder (with model.expert=high|low)")
+             "I2V, Wan 2.1 FLF2V, Wan 2.2 TI2V or Wan 2.2 A14B text- or image-to-video folder (with "
+             "model.expert=high|low)")
 DERIVED = ("in_channels", "out_channels", "text_dim")  # from the VAE and the text encoder (dfm.model)
 
 
@@ -60,9 +61,8 @@ def check_wan_folder(folder: Path, index: dict, expert: str = "", lora: bool = T
     "TI2V"), or one line saying which Wan folders model.init_from supports."""
     name = index.get("_class_name")
     if two_experts(index):
-        if name != "WanPipeline" or index.get("expand_timesteps"):
-            raise ConfigError(f"model.init_from={folder} is a two-expert Wan 2.2 image-to-video folder; not "
-                              f"supported: {SUPPORTED}")
+        if name not in ("WanPipeline", "WanImageToVideoPipeline") or index.get("expand_timesteps"):
+            raise ConfigError(f"model.init_from={folder} is a two-expert {name} folder; not supported: {SUPPORTED}")
         if expert not in ("high", "low") or not lora:
             ratio = index.get("boundary_ratio")
             raise ConfigError(f"model.init_from={folder} is a two-expert Wan 2.2 folder: a LoRA trains one expert; "
@@ -83,12 +83,17 @@ def check_wan_folder(folder: Path, index: dict, expert: str = "", lora: bool = T
         raise ConfigError(f"model.init_from={folder}: no readable {sub}/config.json ({e}); download the Wan "
                           f"folder again") from None
     kind = "TI2V" if index.get("expand_timesteps") else "T2V" if name == "WanPipeline" else "I2V"
+    if kind == "I2V" and two_experts(index):
+        kind = "A14B-I2V"  # Wan 2.2 A14B image-to-video: the 36-channel I2V layout without CLIP, per expert
+        if config.image_dim is not None:
+            raise ConfigError(f"model.init_from={folder}: a two-expert image-to-video transformer with CLIP image "
+                              f"cross-attention is no released layout; not supported: {SUPPORTED}")
     if kind == "I2V" and config.image_dim is None:
         raise ConfigError(f"model.init_from={folder} holds an image-to-video transformer without CLIP; not "
                           f"supported: {SUPPORTED}")
     if kind == "I2V" and config.pos_embed_seq_len:
         kind = "FLF2V"  # Wan 2.1 FLF2V: the I2V layout with the first and last frames (and both CLIP features)
-    if kind not in ("I2V", "FLF2V") and config.image_dim is not None:
+    if kind not in ("I2V", "FLF2V", "A14B-I2V") and config.image_dim is not None:
         raise ConfigError(f"model.init_from={folder} holds an image-to-video transformer; not supported: {SUPPORTED}")
     return config, kind
 
@@ -98,7 +103,8 @@ def layout_conditioning(cfg, folder: Path, kind: str) -> None:
     conditioning.mode=frame (first frame only, as the folder's pipeline does). I2V (Wan 2.1) concatenates
     [mask, E(frame, zeros...)] to the 16 noisy channels and reads the frame's CLIP features: conditioning.mode=concat,
     image_encoder=FOLDER, probability 1 (its transformer always gets an image). FLF2V (Wan 2.1) is I2V with the last
-    frame given too: [mask, E(first, zeros..., last)] and both frames' CLIP features (conditioning.last=true)."""
+    frame given too: [mask, E(first, zeros..., last)] and both frames' CLIP features (conditioning.last=true).
+    A14B-I2V (Wan 2.2, two experts, one trained per LoRA): the I2V concatenation without CLIP."""
     c, default = cfg.conditioning, type(cfg.conditioning)()
     if kind == "TI2V":
         if c.mode == "none":
@@ -115,6 +121,13 @@ def layout_conditioning(cfg, folder: Path, kind: str) -> None:
                               f"its {frames} (conditioning.mode=concat, probability 1); leave conditioning unset")
         c.mode, c.probability, c.image_encoder = "concat", 1.0, c.image_encoder or str(folder)
         c.last = kind == "FLF2V"
+    if kind == "A14B-I2V":
+        if c.mode not in ("none", "concat") or c.probability not in (default.probability, 1) or c.last or \
+                c.image_encoder:
+            raise ConfigError(f"model.init_from={folder} is a Wan 2.2 A14B image-to-video folder: every sample is "
+                              f"conditioned by its first frame (conditioning.mode=concat, probability 1, no CLIP); "
+                              f"leave conditioning unset")
+        c.mode, c.probability = "concat", 1.0
 
 
 def resolve_init_from(cfg) -> None:
