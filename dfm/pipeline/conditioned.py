@@ -21,6 +21,11 @@ from dfm.pipeline.pipeline import PipelineError
 from dfm.pipeline.wan_family import clip_features, load_image_encoder, pixels, read_image
 
 
+def listed(image) -> list:
+    """An image argument (one image or one per prompt; None: none) as a list."""
+    return [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+
+
 class DfmConditioner:
     """The image side of a dfm model trained with conditioning (the interface of wan_family.WanConditioner)."""
 
@@ -80,16 +85,15 @@ class DfmConditioner:
         if self._clip is None:
             device = next(iter(self.vae.state_dict().values()), torch.empty(0)).device
             self._clip = load_image_encoder(self.c.image_encoder, device)
-        firsts = [read_image(im) for im in (list(image) if isinstance(image, (list, tuple)) else [image])]
-        lasts = [] if last_image is None else [read_image(im, "last_image") for im in (
-            list(last_image) if isinstance(last_image, (list, tuple)) else [last_image])]
+        firsts = [read_image(im) for im in listed(image)]
+        lasts = [read_image(im, "last_image") for im in listed(last_image)]
         k = max(len(firsts), len(lasts))
         feats = torch.cat([clip_features(*self._clip, [firsts[i % len(firsts)], *([lasts[i % len(lasts)]] if lasts
                                                                                    else [])]) for i in range(k)])
         return feats.expand(n, -1, -1) if k == 1 else feats  # [n, N, Di]
 
     def _frames(self, image, n: int, what: str, height: int, width: int) -> torch.Tensor:
-        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        images = listed(image)
         if len(images) not in (1, n):
             raise PipelineError(f"got {len(images)} {what}s for {n} prompts; pass one, or one per prompt")
         frames = torch.stack([pixels(read_image(im, what), height, width) for im in images])  # [k, 3, H, W]

@@ -32,6 +32,10 @@ from dfm.text import WordTokenizer
 SUPPORTED = ("model.init_from takes a dfm model folder, a trainer run, or a diffusers Wan 2.1 text-to-video, Wan 2.1 "
              "I2V, Wan 2.1 FLF2V, Wan 2.2 TI2V or Wan 2.2 A14B text- or image-to-video folder (with "
              "model.expert=high|low)")
+# the concat layouts: (name, the frames every sample is given, CLIP image context)
+CONCAT_LAYOUTS = {"I2V": ("Wan 2.1 I2V", "first frame", True),
+                  "FLF2V": ("Wan 2.1 FLF2V", "first and last frames (conditioning.last=true)", True),
+                  "A14B-I2V": ("Wan 2.2 A14B image-to-video", "first frame", False)}
 DERIVED = ("in_channels", "out_channels", "text_dim")  # from the VAE and the text encoder (dfm.model)
 
 
@@ -93,7 +97,7 @@ def check_wan_folder(folder: Path, index: dict, expert: str = "", lora: bool = T
                           f"supported: {SUPPORTED}")
     if kind == "I2V" and config.pos_embed_seq_len:
         kind = "FLF2V"  # Wan 2.1 FLF2V: the I2V layout with the first and last frames (and both CLIP features)
-    if kind not in ("I2V", "FLF2V", "A14B-I2V") and config.image_dim is not None:
+    if kind not in CONCAT_LAYOUTS and config.image_dim is not None:
         raise ConfigError(f"model.init_from={folder} holds an image-to-video transformer; not supported: {SUPPORTED}")
     return config, kind
 
@@ -113,21 +117,16 @@ def layout_conditioning(cfg, folder: Path, kind: str) -> None:
             raise ConfigError(f"model.init_from={folder} is a Wan 2.2 TI2V folder: it is conditioned by its first "
                               f"latent frame (conditioning.mode=frame, conditioning.last=false); leave "
                               f"conditioning.mode unset")
-    if kind in ("I2V", "FLF2V"):
-        frames = "first frame" if kind == "I2V" else "first and last frames (conditioning.last=true)"
+    if kind in CONCAT_LAYOUTS:
+        what, frames, clip = CONCAT_LAYOUTS[kind]
+        last = kind == "FLF2V"
         if c.mode not in ("none", "concat") or c.probability not in (default.probability, 1) or \
-                (c.last and kind == "I2V"):
-            raise ConfigError(f"model.init_from={folder} is a Wan 2.1 {kind} folder: every sample is conditioned by "
-                              f"its {frames} (conditioning.mode=concat, probability 1); leave conditioning unset")
-        c.mode, c.probability, c.image_encoder = "concat", 1.0, c.image_encoder or str(folder)
-        c.last = kind == "FLF2V"
-    if kind == "A14B-I2V":
-        if c.mode not in ("none", "concat") or c.probability not in (default.probability, 1) or c.last or \
-                c.image_encoder:
-            raise ConfigError(f"model.init_from={folder} is a Wan 2.2 A14B image-to-video folder: every sample is "
-                              f"conditioned by its first frame (conditioning.mode=concat, probability 1, no CLIP); "
+                (c.last and not last) or (c.image_encoder and not clip):
+            raise ConfigError(f"model.init_from={folder} is a {what} folder: every sample is conditioned by its "
+                              f"{frames} (conditioning.mode=concat, probability 1{'' if clip else ', no CLIP'}); "
                               f"leave conditioning unset")
-        c.mode, c.probability = "concat", 1.0
+        c.mode, c.probability, c.last = "concat", 1.0, last
+        c.image_encoder = (c.image_encoder or str(folder)) if clip else ""
 
 
 def resolve_init_from(cfg) -> None:

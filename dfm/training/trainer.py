@@ -555,6 +555,7 @@ class Trainer:
             self.log.notice(f"step {step}: validation samples in {folder}")
         D.barrier()
 
+
 def train(config: TrainConfig, resume: str | None = None) -> dict:
     """Train as configured; `resume` is None, "latest" or a checkpoint path. Returns {'step', 'loss', 'checkpoint'}.
 
