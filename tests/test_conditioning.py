@@ -368,14 +368,31 @@ def test_a_frame_run_validates_text_and_image_to_video(tmp_path):
     assert len([n for n in names if n.startswith("i2v_") and n.endswith(".mp4")]) == len(prompts) == 4
     first = trainer.dataset[1]["video"][:, 0]  # [3, H, W]: item 1's first frame, prompt 1's image
     assert torch.equal(trainer.val_frames[0][1], first) and trainer.val_frames[1] is None
+    assert (folder / "i2v_prompts.txt").read_text().splitlines() == prompts == trainer.i2v_prompts()
     pipe = pipeline_from_checkpoint(tmp_path / "run")
     theirs = pipe.generate([prompts[1]], image=first, seeds=[validation_seed(cfg.train.seed, 1)], steps=2,
                            progress=False).videos
     with trainer.ema.swapped():
-        ours = trainer.validation_videos(prompts, frames=trainer.val_frames)
+        ours = trainer.validation_videos(prompts, frames=trainer.val_frames[:2])
     torch.testing.assert_close(ours[1:2], theirs, atol=1e-5, rtol=0)
     plain = trainer.validation_videos(prompts)
     assert (ours - plain).abs().max() > 1e-3  # the image changed the video
+
+
+def test_image_to_video_validation_pairs_each_frame_with_its_own_caption(tmp_path):
+    """With train.val_prompts given and no train.val_images, the image-to-video videos take the training items'
+    frames with those items' captions, not the given prompts (which would ask a 3 of an image of a 9)."""
+    asked = ["the digit 3 moves to the right", "the digit 7 moves up"]
+    cfg = tiny(tmp_path, "run", "train.max_steps=1", "conditioning.mode=frame", "train.validate_every=1",
+               "sampling.steps=1", "data.num_frames=3", f"train.val_prompts=[{asked[0]},{asked[1]}]")
+    trainer = Trainer(cfg)
+    trainer.run()
+    folder = tmp_path / "run" / "samples" / "step_00000001"
+    captions = [trainer.dataset[i]["caption"] for i in range(2)]
+    assert captions != asked  # the run's first items are other digits and directions
+    assert (folder / "prompts.txt").read_text().splitlines() == asked
+    assert (folder / "i2v_prompts.txt").read_text().splitlines() == captions == trainer.i2v_prompts()
+    assert all(torch.equal(trainer.val_frames[0][i], trainer.dataset[i]["video"][:, 0]) for i in range(2))
 
 
 def test_val_images_are_checked_before_the_run(tmp_path, capsys):

@@ -47,12 +47,12 @@ def check_training_conditioning(cfg) -> None:
                           "pixel data, not data.dataset=latents; use conditioning.mode=frame or the videos")
 
 
-def validation_frames(cfg, dataset, autoencoder, count: int) -> tuple[list, list | None] | None:
-    """The given frames of a conditioned run's image-to-video validation videos: (first frames, last frames or
-    None), one per validation prompt, each [3, H, W] in [-1, 1] at the data's size (train.val_images: image paths,
-    one per prompt or one for all); default: the first (and, conditioning.last, the last) frames of the first
-    `count` training items, whose captions are the default prompts (a latent dataset's clips are decoded). None for
-    a text-to-video run."""
+def validation_frames(cfg, dataset, autoencoder, count: int) -> tuple[list, list | None, list | None] | None:
+    """The given frames of a conditioned run's image-to-video validation videos: (first frames, last frames or None,
+    their captions or None), each frame [3, H, W] in [-1, 1] at the data's size. train.val_images: image paths, one
+    per validation prompt or one for all, captions None (the videos take the validation prompts); default: the first
+    (and, conditioning.last, the last) frames of the first `count` training items with their own captions, so an
+    image never meets a prompt it contradicts (a latent dataset's clips are decoded). None for a text-to-video run."""
     c, paths = cfg.conditioning, list(cfg.train.val_images)
     if c.mode == "none":
         return None
@@ -61,8 +61,8 @@ def validation_frames(cfg, dataset, autoencoder, count: int) -> tuple[list, list
             raise ConfigError(f"train.val_images: {len(paths)} images for {count} validation prompts; give one, or "
                               f"one per prompt")
         size = cfg.data.size
-        return [pixels(read_image(p, "train.val_images"), size, size) for p in (paths * count)[:count]], None
-    firsts, lasts = [], []
+        return [pixels(read_image(p, "train.val_images"), size, size) for p in (paths * count)[:count]], None, None
+    firsts, lasts, captions = [], [], []
     for i in range(count):
         item = dataset[i % len(dataset)]
         if "video" in item:
@@ -73,7 +73,8 @@ def validation_frames(cfg, dataset, autoencoder, count: int) -> tuple[list, list
                 video = autoencoder.decode(item["latents"][None].float().to(device))[0].clamp(-1, 1).cpu()
         firsts.append(video[:, 0].float())
         lasts.append(video[:, -1].float())
-    return firsts, (lasts if c.last else None)
+        captions.append(str(item.get("caption", "")))
+    return firsts, (lasts if c.last else None), captions
 
 
 def text_to_video_validation(cfg) -> bool:

@@ -498,6 +498,12 @@ class Trainer:
             captions = [self.dataset[i]["caption"] for i in range(min(4, len(self.dataset)))]
         return [self._fit(c) for c in captions]
 
+    def i2v_prompts(self) -> list[str]:
+        """The prompts of the image-to-video validation videos: the captions of the training items their frames
+        come from (cut as val_prompts cuts them), or with train.val_images the validation prompts."""
+        captions = self.val_frames[2]
+        return self.val_prompts() if captions is None else [self._fit(c) for c in captions]
+
     def _fit(self, caption: str) -> str:
         text, cut = self.pipeline.text, caption.split()
         while len(cut) > 1 and (count_tokens(text, " ".join(cut)) or 0) > text.max_length:
@@ -540,7 +546,7 @@ class Trainer:
                 if text_to_video_validation(self.cfg):
                     made[""] = self.validation_videos(prompts)
                 if self.val_frames is not None:
-                    made["i2v_"] = self.validation_videos(prompts, frames=self.val_frames)
+                    made["i2v_"] = self.validation_videos(self.i2v_prompts(), frames=self.val_frames[:2])
             self.model.train()
         if self.info.is_main:
             folder = self.out / "samples" / f"step_{step:08d}"
@@ -550,8 +556,9 @@ class Trainer:
                     write_video(folder / f"{prefix}{i:02d}.mp4", v, fps=self.pipeline.defaults["fps"], pad_odd=True)
                 if prefix:  # each row: the given first frame, then the video
                     videos = torch.cat([torch.stack(self.val_frames[0])[:, :, None].to(videos), videos], dim=2)
-                write_contact_sheet(folder / f"{prefix}contact_sheet.png", videos, labels=prompts)
-            (folder / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+                labels = self.i2v_prompts() if prefix else prompts
+                write_contact_sheet(folder / f"{prefix}contact_sheet.png", videos, labels=labels)
+                (folder / f"{prefix}prompts.txt").write_text("".join(p + "\n" for p in labels))
             self.log.notice(f"step {step}: validation samples in {folder}")
         D.barrier()
 
